@@ -1,0 +1,119 @@
+"""Method configs: frozen dataclasses with a string form that round-trips.
+
+``str(RAD(keep=0.1, mode="project"))`` is ``"rad:keep=0.1,mode=project,same_sample=False"`` and
+``parse_method`` of that string gives an equal config back. Each method module registers its
+config class with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+METHODS: dict[str, type[MethodConfig]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config. Subclasses set ``name`` and validate in ``__post_init__``."""
+
+    name: ClassVar[str] = ""
+    #: whether the method exists to save activation memory (then 1-bit ReLU masks are swapped in)
+    saves_memory: ClassVar[bool] = True
+
+    def __str__(self) -> str:
+        parts = [f"{f.name}={_format(getattr(self, f.name))}" for f in dataclasses.fields(self)]
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+    def layer_class(self, module_type: type) -> type | None:
+        """The randprop class replacing ``module_type``, or None if this method leaves it alone."""
+        return None
+
+
+def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator: make a config available to :func:`parse_method` under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _format(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def check_choice(owner: str, field: str, value: Any, allowed: Iterable[Any]) -> None:
+    """Raise ValueError naming the field and the allowed values if ``value`` is not one of them."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(
+            f"{owner}: {field} must be one of {', '.join(map(repr, allowed))}; got {value!r}"
+        )
+
+
+def check_fraction(owner: str, field: str, value: float, allow_one: bool = True) -> None:
+    """Raise ValueError unless ``value`` is a number in (0, 1] (or (0, 1) without allow_one)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (0 < value <= 1 if allow_one else 0 < value < 1)
+    if not ok:
+        interval = "(0, 1]" if allow_one else "(0, 1)"
+        raise ValueError(f"{owner}: {field} must be a number in {interval}; got {value!r}")
+
+
+def _parse_value(text: str, annotation: Any, owner: str, field: str) -> Any:
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing))  # resolve postponed annotations
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    low = text.strip().lower()
+    if type(None) in options and low in ("none", "null", ""):
+        return None
+    for option in options:
+        if option is bool:
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+        elif option is int:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        elif option is float:
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        elif option is str:
+            return text.strip()
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(f"{owner}: {field} must be {names}; got {text!r}")
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def parse_method(text: str | MethodConfig) -> MethodConfig:
+    """Parse ``"name:field=value,..."`` (or pass a config through) into a method config."""
+    if isinstance(text, MethodConfig):
+        return text
+    if not isinstance(text, str):
+        raise TypeError(f"method must be a config object or a string; got {type(text).__name__}")
+    name, _, rest = text.strip().partition(":")
+    name = name.strip().lower()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in fields:
+            raise ValueError(
+                f"{name}: unknown or malformed option {item!r}; options are "
+                f"{', '.join(fields) or 'none'}"
+            )
+        kwargs[key] = _parse_value(value, fields[key].type, name, key)
+    return cls(**kwargs)

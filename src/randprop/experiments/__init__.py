@@ -1,0 +1,9 @@
+"""Experiment suites, one module per paper plus side-by-side comparisons.
+
+Each suite module registers itself with ``randprop.experiments.registry.suite``; import it here.
+"""
+
+from randprop.experiments import memory_bench  # noqa: F401
+from randprop.experiments.registry import SUITES, get_suite, suite
+
+__all__ = ["SUITES", "get_suite", "suite"]

@@ -1,0 +1,108 @@
+"""Foundation benchmark: bytes saved for backward and step time, exact vs RAD.
+
+- mlp and cnn at batch 150: saved bytes of exact and of RAD keep=0.1 (sample and project);
+- a wide MLP (width 2048, batch 256): forward + backward time of RAD relative to exact.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from randprop.experiments.registry import suite
+from randprop.measure.profile import converted_copy, saved_for_backward, step_time
+from randprop.models import build_model, input_shape
+from randprop.models.feedforward import mlp
+
+METHODS = ("exact", "rad:keep=0.1", "rad:keep=0.1,mode=project")
+
+
+def memory_table(batch: int = 150, seed: int = 0) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(seed)
+    for name in ("mlp", "cnn"):
+        model = build_model(name)
+        x = torch.randn(batch, *input_shape(name), generator=gen)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        exact_bytes = None
+        for method in METHODS:
+            saved = saved_for_backward(converted_copy(model, method, seed), x, y)
+            exact_bytes = exact_bytes or saved.bytes
+            rows.append(
+                {
+                    "model": name,
+                    "method": method,
+                    "batch": batch,
+                    "saved_bytes": saved.bytes,
+                    "ratio_vs_exact": exact_bytes / saved.bytes,
+                }
+            )
+    return rows
+
+
+def time_table(width: int = 2048, batch: int = 256, repeats: int = 10) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    model = mlp(in_features=width, hidden=width, depth=3, classes=10)
+    x = torch.randn(batch, width, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    rows, exact_time = [], None
+    for method in (*METHODS, "rad:keep=0.1,same_sample=True"):
+        seconds = step_time(converted_copy(model, method), x, y, repeats=repeats)
+        exact_time = exact_time or seconds
+        rows.append(
+            {
+                "method": method,
+                "width": width,
+                "batch": batch,
+                "seconds": seconds,
+                "ratio_vs_exact": seconds / exact_time,
+            }
+        )
+    return rows
+
+
+@suite("rad-memory", "bytes saved for backward (mlp, cnn) and step time (wide MLP), exact vs RAD")
+def run(out: Path, quick: bool = False) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU",
+        "date": time.strftime("%Y-%m-%d"),
+        "memory": memory_table(batch=150),
+        "time": time_table(width=256 if quick else 2048, repeats=3 if quick else 10),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = [
+        "# Bytes saved for backward and step time: exact vs RAD",
+        "",
+        f"Command: `randprop bench rad-memory --out {out}`  ",
+        f"Machine: {results['machine']}; date {results['date']}.",
+        "",
+        "## Bytes saved for backward (one forward + loss, measured by rp.track_saved)",
+        "",
+        "| model | method | batch | saved bytes | exact / method |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results["memory"]:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['batch']} | {r['saved_bytes']:,} "
+            f"| {r['ratio_vs_exact']:.2f}x |"
+        )
+    lines += [
+        "",
+        "## Forward + backward time, MLP 3 hidden layers (median of repeated steps)",
+        "",
+        "| method | width | batch | seconds | method / exact |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results["time"]:
+        lines.append(
+            f"| {r['method']} | {r['width']} | {r['batch']} | {r['seconds']:.4f} "
+            f"| {r['ratio_vs_exact']:.2f}x |"
+        )
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return results

@@ -1,0 +1,41 @@
+"""Benchmark suites by name: each suite module registers a function run(out_dir, quick) -> dict.
+
+A suite writes out_dir/report.md, out_dir/results.json and its PNG plots, and returns the
+results it wrote. ``quick`` asks for a scaled-down run (used by tests and smoke checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+SuiteFn = Callable[[Path, bool], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    name: str
+    run: SuiteFn
+    description: str
+
+
+SUITES: dict[str, Suite] = {}
+
+
+def suite(name: str, description: str) -> Callable[[SuiteFn], SuiteFn]:
+    """Decorator registering a benchmark suite under ``name``."""
+
+    def register(fn: SuiteFn) -> SuiteFn:
+        SUITES[name] = Suite(name, fn, description)
+        return fn
+
+    return register
+
+
+def get_suite(name: str) -> Suite:
+    from randprop import experiments  # noqa: F401 (imports every suite module)
+
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; choose from {', '.join(sorted(SUITES))}")
+    return SUITES[name]

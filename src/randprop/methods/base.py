@@ -1,0 +1,62 @@
+"""What every converted layer shares: its method config, its seed stream, autocast handling."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from randprop.random import current_rank, derive_seed
+
+if TYPE_CHECKING:
+    from randprop.config import MethodConfig
+
+
+class RandomizedLayer(nn.Module):
+    """Mixin of converted layers; ``convert`` swaps a layer's class and sets these attributes.
+
+    The layer keeps its parameters and state_dict keys. Each forward call draws a fresh seed
+    ``derive_seed(rp_seed, rp_layer, rp_step, rank)`` and advances ``rp_step``.
+    """
+
+    rp_method: MethodConfig
+    rp_seed: int = 0
+    rp_layer: int = 0
+    rp_step: int = 0
+    rp_original_class: type
+
+    def rp_next_seed(self) -> int:
+        seed = derive_seed(self.rp_seed, self.rp_layer, self.rp_step, current_rank())
+        self.rp_step += 1
+        return seed
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, method={self.rp_method}"
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type``, or None when autocast is off."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return None
+
+
+def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Cast floating tensors to the active autocast dtype, as autocast does for matmul and conv.
+
+    The casts are differentiable, so gradients reach the original (e.g. float32) tensors.
+    """
+    first = next(t for t in tensors if t is not None)
+    dtype = autocast_dtype(first.device.type)
+    if dtype is None:
+        return tensors
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors
+    )

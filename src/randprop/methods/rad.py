@@ -1,0 +1,255 @@
+"""RAD: randomized automatic differentiation for Linear and Conv layers (Oktay et al., 2020).
+
+Forward, input gradient and bias gradient are exact. The input X is stored only as a random
+sketch X_hat with E[X_hat] = X, and the weight gradient dW = D^T X_hat (Linear) or
+conv_weight_grad(X_hat, D) (Conv) is unbiased because it is linear in X_hat.
+
+X is viewed as (B, G, n): for Linear B = all leading positions, G = 1, n = in_features; for Conv
+B = batch, G = channels, n = spatial positions. With keep fraction p:
+
+- sample: keep each entry with probability p and scale by 1/p (stores ~pBGn values);
+  same_sample: one set of k = ceil(p G n) entries shared by the batch, scaled by Gn/k.
+- project: X_hat = (X R) R^T with R (n x k) Rademacher / sqrt(k), k = ceil(p n), so
+  E[R R^T] = I; stores X R (B x G x k). Without same_sample each row also gets its own random
+  signs s (X_hat = ((X * s) R) R^T * s), which decorrelates the examples at no storage cost.
+
+Only the seed of the randomness is kept; backward regenerates every draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from randprop import random as rnd
+from randprop.config import MethodConfig, check_choice, check_fraction, register
+from randprop.methods.base import RandomizedLayer, autocast_inputs
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class RAD(MethodConfig):
+    """Randomized activation storage for weight gradients.
+
+    keep: fraction p of activation values stored, in (0, 1].
+    mode: "sample" (random entries, scaled 1/p) or "project" (Rademacher projection).
+    same_sample: share one random pattern across the batch.
+    """
+
+    name = "rad"
+    keep: float = 0.1
+    mode: str = "sample"
+    same_sample: bool = False
+
+    def __post_init__(self) -> None:
+        check_fraction("rad", "keep", self.keep)
+        check_choice("rad", "mode", self.mode, ("sample", "project"))
+        check_choice("rad", "same_sample", self.same_sample, (True, False))
+
+    def layer_class(self, module_type: type) -> type | None:
+        return _LAYERS.get(module_type)
+
+
+# --- the sketch of X, shape (B, G, n) --------------------------------------------------------
+
+
+def compress(x: torch.Tensor, cfg: RAD, seed: int) -> torch.Tensor:
+    """The values RAD stores for ``x`` of shape (B, G, n)."""
+    gen = rnd.generator(seed, x.device)
+    b, g, n = x.shape
+    if cfg.mode == "sample":
+        if cfg.same_sample:
+            idx = rnd.sample_indices(g * n, rnd.kept_count(g * n, cfg.keep), gen, x.device)
+            return x.reshape(b, g * n)[:, idx]
+        return x[rnd.bernoulli_mask(x.shape, cfg.keep, gen, x.device)]
+    r = rnd.projection(n, rnd.kept_count(n, cfg.keep), gen, x.device, x.dtype)
+    if not cfg.same_sample:
+        x = x * rnd.rademacher(x.shape, gen, x.device, x.dtype)
+    return x @ r
+
+
+def decompress(stored: torch.Tensor, shape: torch.Size, cfg: RAD, seed: int) -> torch.Tensor:
+    """X_hat of ``shape`` (B, G, n) from the stored values, regenerating the draw from ``seed``."""
+    gen = rnd.generator(seed, stored.device)
+    b, g, n = shape
+    dtype, device = stored.dtype, stored.device
+    if cfg.mode == "sample":
+        x_hat = torch.zeros(shape, dtype=dtype, device=device)
+        if cfg.same_sample:
+            k = rnd.kept_count(g * n, cfg.keep)
+            idx = rnd.sample_indices(g * n, k, gen, device)
+            x_hat.view(b, g * n)[:, idx] = stored * (g * n / k)
+        else:
+            mask = rnd.bernoulli_mask(shape, cfg.keep, gen, device)
+            x_hat.masked_scatter_(mask, stored / cfg.keep)
+        return x_hat
+    r = rnd.projection(n, rnd.kept_count(n, cfg.keep), gen, device, dtype)
+    signs = None if cfg.same_sample else rnd.rademacher(shape, gen, device, dtype)
+    x_hat = stored @ r.T
+    return x_hat if signs is None else x_hat * signs
+
+
+def linear_weight_grad(
+    grad_out: torch.Tensor, stored: torch.Tensor, in_features: int, cfg: RAD, seed: int
+) -> torch.Tensor:
+    """dW = D^T X_hat for D (N x m), using the cheap factorisation where the sketch allows."""
+    n_rows = grad_out.shape[0]
+    if cfg.same_sample:
+        gen = rnd.generator(seed, stored.device)
+        if cfg.mode == "sample":
+            k = rnd.kept_count(in_features, cfg.keep)
+            idx = rnd.sample_indices(in_features, k, gen, stored.device)
+            grad_w = grad_out.new_zeros(grad_out.shape[1], in_features)
+            grad_w[:, idx] = (grad_out.T @ stored) * (in_features / k)
+            return grad_w
+        r = rnd.projection(
+            in_features, rnd.kept_count(in_features, cfg.keep), gen, stored.device, stored.dtype
+        )
+        return (grad_out.T @ stored) @ r.T
+    x_hat = decompress(stored, torch.Size((n_rows, 1, in_features)), cfg, seed)
+    return grad_out.T @ x_hat.view(n_rows, in_features)
+
+
+# --- Linear ---------------------------------------------------------------------------------
+
+
+class _RADLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg: RAD, seed: int):
+        out = F.linear(x, weight, bias)
+        rows = x.reshape(-1, 1, x.shape[-1])
+        stored = compress(rows, cfg, seed) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(stored, weight)
+        ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        stored, weight = ctx.saved_tensors
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ weight).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = linear_weight_grad(grad_rows, stored, ctx.x_shape[-1], ctx.cfg, ctx.seed)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_rows.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def rad_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: RAD, seed: int
+) -> torch.Tensor:
+    """F.linear whose weight gradient comes from a RAD sketch of ``x`` drawn with ``seed``."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    return _RADLinearFn.apply(x, weight, bias, cfg, seed)
+
+
+class RADLinear(RandomizedLayer, nn.Linear):
+    """nn.Linear with RAD weight gradients."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rad_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed())
+
+
+# --- Conv -----------------------------------------------------------------------------------
+
+
+class _RADConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg: RAD, seed: int, stride, padding, dilation, groups):
+        zeros = [0] * (x.dim() - 2)
+        out = torch.ops.aten.convolution(
+            x, weight, bias, stride, padding, dilation, False, zeros, groups
+        )
+        b, c = x.shape[:2]
+        stored = compress(x.reshape(b, c, -1), cfg, seed) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(stored, weight)
+        ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
+        ctx.conv = (stride, padding, dilation, zeros, groups)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        stored, weight = ctx.saved_tensors
+        stride, padding, dilation, zeros, groups = ctx.conv
+        need_x, need_w = ctx.needs_input_grad[:2]
+        need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
+        if need_w:
+            b, c = ctx.x_shape[:2]
+            shape = torch.Size((b, c, ctx.x_shape[2:].numel()))
+            x_hat = decompress(stored, shape, ctx.cfg, ctx.seed).view(ctx.x_shape)
+        else:  # convolution_backward reads only the shape of the input for the input gradient
+            x_hat = grad_out.new_zeros(()).expand(ctx.x_shape)
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, x_hat, weight, ctx.bias_shape, stride, padding, dilation, False, zeros,
+            groups, [need_x, need_w, need_b],
+        )
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def rad_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: RAD,
+    seed: int,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """Convolution (1d/2d/3d by the rank of ``x``) with RAD weight gradients."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    return _RADConvFn.apply(
+        x, weight, bias, cfg, seed, list(stride), list(padding), list(dilation), groups
+    )
+
+
+def explicit_padding(conv: nn.modules.conv._ConvNd, x: torch.Tensor):
+    """(input, padding) with non-zero padding modes and 'same' applied to the input by F.pad,
+    so that the convolution itself only ever sees symmetric zero padding."""
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return x, (0,) * (x.dim() - 2)
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return x, (0,) * (x.dim() - 2)
+        return F.pad(x, conv._reversed_padding_repeated_twice), (0,) * (x.dim() - 2)
+    return x, conv.padding
+
+
+class _RADConvNd(RandomizedLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == self.weight.dim() - 1
+        x, padding = explicit_padding(self, x.unsqueeze(0) if unbatched else x)
+        out = rad_conv(
+            x, self.weight, self.bias, self.rp_method, self.rp_next_seed(),
+            self.stride, padding, self.dilation, self.groups,
+        )
+        return out.squeeze(0) if unbatched else out
+
+
+class RADConv1d(_RADConvNd, nn.Conv1d):
+    """nn.Conv1d with RAD weight gradients."""
+
+
+class RADConv2d(_RADConvNd, nn.Conv2d):
+    """nn.Conv2d with RAD weight gradients."""
+
+
+class RADConv3d(_RADConvNd, nn.Conv3d):
+    """nn.Conv3d with RAD weight gradients."""
+
+
+_LAYERS = {
+    nn.Linear: RADLinear,
+    nn.Conv1d: RADConv1d,
+    nn.Conv2d: RADConv2d,
+    nn.Conv3d: RADConv3d,
+}

@@ -1,0 +1,43 @@
+"""Model registry: name -> (constructor, input shape of one example, number of classes)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from randprop.models import feedforward
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(
+        feedforward.mlp, (1, 28, 28), "784-300-300-300-10 ReLU MLP (RAD paper, MNIST)"
+    ),
+    "cnn": ModelSpec(
+        feedforward.cnn, (1, 28, 28), "small conv net for 1x28x28 input (strided convs, no pooling)"
+    ),
+}
+
+
+def _check(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A fresh model by name (raises ValueError listing the choices for an unknown name)."""
+    return _check(name).build(**kwargs)
+
+
+def input_shape(name: str) -> tuple[int, ...]:
+    """Shape of one input example of the named model."""
+    return _check(name).input_shape

@@ -1,0 +1,110 @@
+"""The only place randprop draws random numbers.
+
+Every draw comes from a dedicated ``torch.Generator`` seeded from (run seed, layer, step, rank), so
+the global RNG is never advanced and a run is bitwise repeatable. Autograd Functions save the
+integer seed, not the random tensor, and regenerate the same draw in backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(seed: int, layer: int = 0, step: int = 0, rank: int = 0) -> int:
+    """Hash (seed, layer, step, rank) into an independent 63-bit seed (SplitMix64 chain)."""
+    h = 0
+    for part in (seed, layer, step, rank):
+        h = _splitmix64(h ^ (int(part) & _MASK64))
+    return h >> 1
+
+
+def current_rank() -> int:
+    """The torch.distributed rank, or 0 when not running distributed."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator on ``device`` seeded with ``seed``."""
+    gen = torch.Generator(device=torch.device(device))
+    gen.manual_seed(seed)
+    return gen
+
+
+def bernoulli_mask(
+    shape: tuple[int, ...], p: float, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Boolean mask with independent entries, True with probability ``p``."""
+    return torch.rand(shape, generator=gen, device=device) < p
+
+
+def sample_indices(
+    n: int,
+    k: int,
+    gen: torch.Generator,
+    device: torch.device,
+    batch_shape: tuple[int, ...] = (),
+    replacement: bool = False,
+) -> torch.Tensor:
+    """``k`` indices in [0, n) for each entry of ``batch_shape``: shape (*batch_shape, k).
+
+    Without replacement every index is included with probability k / n; with replacement each
+    of the k draws is uniform.
+    """
+    if not 0 < k <= n and not replacement:
+        raise ValueError(f"k must be in [1, n={n}] without replacement, got {k}")
+    if replacement:
+        return torch.randint(0, n, (*batch_shape, k), generator=gen, device=device)
+    keys = torch.rand((*batch_shape, n), generator=gen, device=device)
+    return keys.topk(k, dim=-1, sorted=False).indices
+
+
+def rademacher(
+    shape: tuple[int, ...], gen: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Independent +-1 entries with equal probability."""
+    bits = torch.randint(0, 2, shape, generator=gen, device=device, dtype=torch.int8)
+    return (bits * 2 - 1).to(dtype)
+
+
+def gaussian(
+    shape: tuple[int, ...], gen: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Independent standard normal entries."""
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+
+def projection(
+    n: int,
+    k: int,
+    gen: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+    kind: str = "rademacher",
+) -> torch.Tensor:
+    """An n x k random matrix R with E[R R^T] = I (entries of variance 1/k)."""
+    if kind == "rademacher":
+        r = rademacher((n, k), gen, device, dtype)
+    elif kind == "gaussian":
+        r = gaussian((n, k), gen, device, dtype)
+    else:
+        raise ValueError(f"kind must be 'rademacher' or 'gaussian', got {kind!r}")
+    return r / math.sqrt(k)
+
+
+def kept_count(n: int, fraction: float) -> int:
+    """ceil(fraction * n), at least 1 and at most n."""
+    return min(n, max(1, math.ceil(fraction * n - 1e-9)))
