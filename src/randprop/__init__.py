@@ -1,11 +1,11 @@
 """randprop: train PyTorch models with less memory by randomized or error-corrected gradients.
 
-    import randprop as rp
-    report = rp.convert(model, rp.RAD(keep=0.1))
-    with rp.track_saved(model) as saved:
-        loss = loss_fn(model(x), y)
-    loss.backward()
-    print(report, saved.bytes)
+import randprop as rp
+report = rp.convert(model, rp.RAD(keep=0.1))
+with rp.track_saved(model) as saved:
+    loss = loss_fn(model(x), y)
+loss.backward()
+print(report, saved.bytes)
 """
 
 from randprop import functional

@@ -30,7 +30,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     except ImportError:  # the data layer is optional for listing
         DATASETS = {}
     listing = {
-        "methods": {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in METHODS.items()},
+        "methods": {
+            name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in METHODS.items()
+        },
         "models": {name: spec.description for name, spec in MODELS.items()},
         "datasets": {name: getattr(d, "description", "") for name, d in DATASETS.items()},
         "suites": {name: s.description for name, s in SUITES.items()},

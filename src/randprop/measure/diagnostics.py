@@ -59,9 +59,7 @@ def _grads(model: nn.Module, batch, loss_fn) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     inputs, targets = batch
     loss_fn(model(inputs), targets).backward()
-    return {
-        n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
-    }
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def gradient_diagnostics(
@@ -97,7 +95,9 @@ def gradient_diagnostics(
             delta = g - mean[name]
             mean[name] += delta / k
             m2[name] += delta * (g - mean[name])
-            cos[name] += F.cosine_similarity(g.flatten(), exact[name].double().flatten(), dim=0).item()
+            cos[name] += F.cosine_similarity(
+                g.flatten(), exact[name].double().flatten(), dim=0
+            ).item()
     rows = []
     for name, g in exact.items():
         norm = g.double().norm().item() or math.nan

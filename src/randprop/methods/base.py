@@ -57,6 +57,4 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     dtype = autocast_dtype(first.device.type)
     if dtype is None:
         return tensors
-    return tuple(
-        t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors
-    )
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -187,8 +187,17 @@ class _RADConvFn(torch.autograd.Function):
         else:  # convolution_backward reads only the shape of the input for the input gradient
             x_hat = grad_out.new_zeros(()).expand(ctx.x_shape)
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, x_hat, weight, ctx.bias_shape, stride, padding, dilation, False, zeros,
-            groups, [need_x, need_w, need_b],
+            grad_out,
+            x_hat,
+            weight,
+            ctx.bias_shape,
+            stride,
+            padding,
+            dilation,
+            False,
+            zeros,
+            groups,
+            [need_x, need_w, need_b],
         )
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
@@ -229,8 +238,15 @@ class _RADConvNd(RandomizedLayer):
         unbatched = x.dim() == self.weight.dim() - 1
         x, padding = explicit_padding(self, x.unsqueeze(0) if unbatched else x)
         out = rad_conv(
-            x, self.weight, self.bias, self.rp_method, self.rp_next_seed(),
-            self.stride, padding, self.dilation, self.groups,
+            x,
+            self.weight,
+            self.bias,
+            self.rp_method,
+            self.rp_next_seed(),
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
         )
         return out.squeeze(0) if unbatched else out
 
