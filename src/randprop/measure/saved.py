@@ -16,7 +16,12 @@ from torch import nn
 
 
 class _Saved:
-    """The packed form of a saved tensor; its finaliser releases the storage count."""
+    """The packed form of a saved tensor; its finaliser releases the storage count.
+
+    It holds a detached alias (same storage and version counter): holding the tensor itself
+    would tie a saved output to its own grad_fn in a cycle that outlives an unused graph.
+    Double backward (create_graph=True) through a tracked block is therefore not supported.
+    """
 
     __slots__ = ("tensor", "__weakref__")
 
@@ -69,7 +74,7 @@ class track_saved:  # noqa: N801 (a context manager used like a function, as tor
             self.bytes = max(self.bytes, self.current)
             self.by_module[self._stack[-1] if self._stack else ""] += size
         self._refs[key] += 1
-        packed = _Saved(t)
+        packed = _Saved(t.detach())
         weakref.finalize(packed, self._release, key)
         return packed
 

@@ -98,6 +98,7 @@ def linear_weight_grad(
     """dW = D^T X_hat for D (N x m), using the cheap factorisation where the sketch allows."""
     n_rows = grad_out.shape[0]
     if cfg.same_sample:
+        stored = stored.view(n_rows, -1)
         gen = rnd.generator(seed, stored.device)
         if cfg.mode == "sample":
             k = rnd.kept_count(in_features, cfg.keep)

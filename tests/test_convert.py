@@ -1,0 +1,130 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import randprop as rp
+from randprop.methods.masks import MaskedReLU
+from randprop.methods.rad import RADConv2d, RADLinear
+
+
+def small_model():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 8),
+        nn.LeakyReLU(),
+        nn.LayerNorm(8),
+        nn.Linear(8, 3),
+    )
+
+
+def test_convert_swaps_classes_in_place_and_shares_parameters():
+    model = small_model()
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    report = rp.convert(model, rp.RAD(keep=0.1))
+    assert isinstance(model[0], RADConv2d) and isinstance(model[0], nn.Conv2d)
+    assert isinstance(model[3], RADLinear) and isinstance(model[1], MaskedReLU)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert list(model.state_dict()) == keys
+    assert report.converted == ["0", "1", "3", "4", "6"]
+    assert report.skipped == {"5": "rad does not support LayerNorm; kept exact"}
+    text = str(report)
+    assert "converted: rad:keep=0.1" in text and "LayerNorm" in text and "5 converted" in text
+
+
+def test_state_dict_round_trips_between_plain_and_converted():
+    plain = small_model()
+    converted = copy.deepcopy(plain)
+    rp.convert(converted, "rad:keep=0.2")
+    fresh = small_model()
+    fresh.load_state_dict(converted.state_dict())
+    other = small_model()
+    rp.convert(other, rp.RAD())
+    other.load_state_dict(plain.state_dict())
+    for a, b, c in zip(plain.parameters(), fresh.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_pretrained_weights_are_kept_and_restore_gives_plain_layers():
+    model = small_model()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    expected = model(x)
+    rp.convert(model, rp.RAD())
+    torch.testing.assert_close(model(x), expected)
+    restored = rp.restore(model)
+    assert set(restored) == {"0", "1", "3", "4", "6"}
+    assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.ReLU
+    assert not hasattr(model[0], "rp_method")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_filters_and_patterns():
+    model = small_model()
+    report = rp.convert(model, "rad", target_modules=["3", "6"])
+    assert report.converted == ["3", "6"]
+    assert report.skipped["0"] == "not matched by target_modules"
+
+    model = small_model()
+    report = rp.convert(
+        model, rp.RAD(), module_filter_fn=lambda m, name: not isinstance(m, nn.Conv2d)
+    )
+    assert "0" not in report.converted and report.skipped["0"] == "module_filter_fn returned False"
+
+    model = small_model()
+    report = rp.convert(model, {"0": "rad:keep=0.5", "[3-4]": rp.RAD(keep=0.2)})
+    assert model[0].rp_method == rp.RAD(keep=0.5) and model[3].rp_method == rp.RAD(keep=0.2)
+    assert report.skipped["6"] == "no pattern in the method dict matches"
+
+
+def test_exact_converts_nothing_and_masks_can_be_disabled():
+    model = small_model()
+    report = rp.convert(model, rp.Exact())
+    assert report.converted == [] and type(model[1]) is nn.ReLU
+    model = small_model()
+    report = rp.convert(model, rp.RAD(), activation_masks=False)
+    assert type(model[1]) is nn.ReLU and report.skipped["1"] == "activation_masks=False"
+
+
+def test_subclasses_and_already_converted_layers_are_skipped_with_reason():
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(MyLinear(3, 3), nn.Linear(3, 3))
+    report = rp.convert(model, rp.RAD())
+    assert "subclass of Linear" in report.skipped["0"]
+    report = rp.convert(model, rp.RAD())
+    assert report.skipped["1"] == "already converted"
+
+
+def test_multihead_attention_projection_is_reported_not_mishandled():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    report = rp.convert(model, rp.RAD())
+    assert "subclass of Linear" in report.skipped["0.out_proj"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown method"):
+        rp.convert(small_model(), "bogus")
+    with pytest.raises(ValueError, match="keep"):
+        rp.convert(small_model(), {"*": "rad:keep=0"})
+    with pytest.raises(TypeError, match="nn.Module"):
+        rp.convert("model", rp.RAD())
+
+
+def test_layer_ids_and_method_state_round_trip():
+    model = small_model()
+    rp.convert(model, rp.RAD(), seed=3)
+    assert [model[i].rp_layer for i in (0, 3, 6)] == [0, 1, 2]
+    model(torch.randn(2, 1, 8, 8))
+    state = rp.method_state(model)
+    assert state == {"0": 1, "3": 1, "6": 1}
+    other = small_model()
+    rp.convert(other, rp.RAD(), seed=3)
+    rp.load_method_state(other, state)
+    assert rp.method_state(other) == state

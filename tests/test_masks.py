@@ -1,0 +1,49 @@
+import pytest
+import torch
+from torch import nn
+
+import randprop as rp
+from randprop.methods.masks import MaskedLeakyReLU, MaskedReLU, pack_bits, unpack_bits
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 11), (2, 0)])
+def test_pack_unpack_round_trip(shape):
+    mask = torch.rand(shape) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+    assert torch.equal(unpack_bits(packed, mask.shape), mask)
+
+
+@pytest.mark.parametrize(
+    "ours, ref",
+    [
+        (rp.functional.relu, torch.relu),
+        (lambda x: rp.functional.leaky_relu(x, 0.2), lambda x: nn.functional.leaky_relu(x, 0.2)),
+        (MaskedReLU(), nn.ReLU()),
+        (MaskedLeakyReLU(0.05), nn.LeakyReLU(0.05)),
+    ],
+)
+def test_values_and_gradients_match_pytorch(ours, ref):
+    x = torch.randn(4, 9, dtype=torch.float64)
+    x[0, :3] = 0.0  # the kink: both use derivative 0 (ReLU) / slope (LeakyReLU) at 0
+    upstream = torch.randn(4, 9, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    ya.backward(upstream)
+    yb.backward(upstream)
+    assert torch.equal(ya, yb)
+    assert torch.equal(xa.grad, xb.grad)
+
+
+def test_mask_saves_one_bit_per_element():
+    x = torch.randn(64, 100, requires_grad=True)
+    with rp.track_saved() as saved:
+        rp.functional.relu(x * 1.0)
+    assert saved.bytes == 64 * 100 // 8
+
+
+def test_masked_relu_works_under_autocast_and_keeps_dtype():
+    x = torch.randn(3, 5, dtype=torch.bfloat16, requires_grad=True)
+    y = rp.functional.relu(x)
+    y.sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16

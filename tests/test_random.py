@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from randprop import random as rnd
+
+
+def test_derive_seed_is_deterministic_and_distinct():
+    seeds = {
+        rnd.derive_seed(0, layer, step, rank)
+        for layer in range(5)
+        for step in range(50)
+        for rank in range(3)
+    }
+    assert len(seeds) == 5 * 50 * 3
+    assert rnd.derive_seed(7, 1, 2, 0) == rnd.derive_seed(7, 1, 2, 0)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_draws_repeat_from_seed_and_leave_global_rng_alone():
+    state = torch.get_rng_state()
+    a = rnd.rademacher((100,), rnd.generator(3), torch.device("cpu"), torch.float32)
+    b = rnd.rademacher((100,), rnd.generator(3), torch.device("cpu"), torch.float32)
+    assert torch.equal(a, b) and set(a.tolist()) == {-1.0, 1.0}
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_sample_indices_without_replacement_are_distinct_and_uniform():
+    n, k, draws = 10, 3, 4000
+    idx = rnd.sample_indices(n, k, rnd.generator(0), torch.device("cpu"), batch_shape=(draws,))
+    assert all(len(set(row.tolist())) == k for row in idx[:100])
+    counts = torch.bincount(idx.flatten(), minlength=n).double()
+    p = k / n  # inclusion probability of each index
+    expected, sd = draws * p, math.sqrt(draws * p * (1 - p))
+    assert ((counts - expected).abs() / sd).max() < 4.5
+
+
+def test_sample_indices_rejects_k_out_of_range():
+    with pytest.raises(ValueError, match="k must be"):
+        rnd.sample_indices(5, 6, rnd.generator(0), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_projection_has_identity_second_moment(kind):
+    n, k, draws = 6, 3, 3000
+    gen = rnd.generator(1)
+    rrt = torch.stack(
+        [
+            (r := rnd.projection(n, k, gen, torch.device("cpu"), torch.float64, kind)) @ r.T
+            for _ in range(draws)
+        ]
+    )
+    mean, se = rrt.mean(0), rrt.std(0) / math.sqrt(draws)
+    eye = torch.eye(n, dtype=torch.float64)
+    noisy = se > 0
+    assert ((mean - eye)[noisy].abs() / se[noisy]).max() < 4.5
+    assert torch.allclose(mean[~noisy], eye[~noisy])
+
+
+def test_bernoulli_mask_rate():
+    mask = rnd.bernoulli_mask((20000,), 0.1, rnd.generator(2), torch.device("cpu"))
+    sd = math.sqrt(0.1 * 0.9 / 20000)
+    assert abs(mask.double().mean().item() - 0.1) < 4.5 * sd
