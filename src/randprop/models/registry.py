@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from randprop.models import feedforward
+from randprop.models import rad as rad_models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,12 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "cnn": ModelSpec(
         feedforward.cnn, (1, 28, 28), "small conv net for 1x28x28 input (strided convs, no pooling)"
+    ),
+    "rad-cnn": ModelSpec(
+        rad_models.rad_cnn, (1, 28, 28), "4-conv 16/32/32/32 5x5 net, avg pools (RAD paper; MNIST)"
+    ),
+    "rad-cnn-cifar": ModelSpec(
+        rad_models.rad_cnn_cifar, (3, 32, 32), "4-conv 16/32/32/32 5x5 net (RAD paper, CIFAR-10)"
     ),
 }
 
