@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -69,8 +70,9 @@ def time_table(width: int = 2048, batch: int = 256, repeats: int = 10) -> list[d
 def run(out: Path, quick: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU",
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.2f} at start",
         "date": time.strftime("%Y-%m-%d"),
         "memory": memory_table(batch=150),
         "time": time_table(width=256 if quick else 2048, repeats=3 if quick else 10),
