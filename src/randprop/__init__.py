@@ -8,7 +8,7 @@ loss.backward()
 print(report, saved.bytes)
 """
 
-from randprop import functional
+from randprop import functional, rules
 from randprop.config import METHODS, MethodConfig, parse_method
 from randprop.convert import ConversionReport, convert, load_method_state, method_state, restore
 from randprop.measure import GradientDiagnostics, gradient_diagnostics, track_saved
@@ -30,5 +30,6 @@ __all__ = [
     "method_state",
     "parse_method",
     "restore",
+    "rules",
     "track_saved",
 ]
