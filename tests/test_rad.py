@@ -175,3 +175,12 @@ def test_modes_cover_every_combination():
     assert len({(c.mode, c.same_sample) for c in MODES}) == len(
         list(itertools.product(["sample", "project"], [True, False]))
     )
+
+
+def test_no_grad_forward_draws_no_seed_and_stores_nothing():
+    layer = converted(nn.Conv2d(2, 3, 3), rp.RAD())
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.rp_step == 0
+    torch.testing.assert_close(out, nn.functional.conv2d(x, layer.weight, layer.bias))

@@ -56,9 +56,9 @@ class track_saved:  # noqa: N801 (a context manager used like a function, as tor
         return (t.device.type, t.device.index, storage.data_ptr(), storage.nbytes())
 
     def _is_state(self, t: torch.Tensor) -> bool:
-        if isinstance(t, nn.Parameter) or self._key(t) in self._excluded:
-            return True
         base = t._base if t._base is not None else t
+        if isinstance(base, nn.Parameter) or self._key(t) in self._excluded:
+            return True
         return base.is_leaf and base.requires_grad
 
     def _pack(self, t: torch.Tensor):

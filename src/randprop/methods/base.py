@@ -31,6 +31,11 @@ class RandomizedLayer(nn.Module):
         self.rp_step += 1
         return seed
 
+    def rp_needs_weight_grad(self) -> bool:
+        """False in eval / no_grad or for a frozen weight: then the plain forward runs, no seed
+        is drawn and nothing random is stored."""
+        return torch.is_grad_enabled() and self.weight.requires_grad
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, method={self.rp_method}"
 

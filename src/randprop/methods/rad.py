@@ -154,6 +154,8 @@ class RADLinear(RandomizedLayer, nn.Linear):
     """nn.Linear with RAD weight gradients."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rp_needs_weight_grad():
+            return F.linear(x, self.weight, self.bias)
         return rad_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed())
 
 
@@ -236,6 +238,8 @@ def explicit_padding(conv: nn.modules.conv._ConvNd, x: torch.Tensor):
 
 class _RADConvNd(RandomizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rp_needs_weight_grad():
+            return self._conv_forward(x, self.weight, self.bias)
         unbatched = x.dim() == self.weight.dim() - 1
         x, padding = explicit_padding(self, x.unsqueeze(0) if unbatched else x)
         out = rad_conv(
