@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from randprop.models import feedforward
+from randprop.models import feedback, feedforward
 from randprop.models import rad as rad_models
 
 
@@ -24,6 +24,14 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "cnn": ModelSpec(
         feedforward.cnn, (1, 28, 28), "small conv net for 1x28x28 input (strided convs, no pooling)"
+    ),
+    "dfa-mlp": ModelSpec(
+        feedback.dfa_mlp, (1, 28, 28), "784-100-30-10 ReLU MLP (MEM-DFA paper, MNIST)"
+    ),
+    "dfa-cnn": ModelSpec(
+        feedback.dfa_cnn,
+        (1, 28, 28),
+        "2 conv-BN-ReLU-maxpool blocks, FC 128 + dropout (MEM-DFA, MNIST)",
     ),
     "rad-cnn": ModelSpec(
         rad_models.rad_cnn, (1, 28, 28), "4-conv 16/32/32/32 5x5 net, avg pools (RAD paper; MNIST)"

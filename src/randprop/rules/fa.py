@@ -59,8 +59,11 @@ class FALinear(_FAMixin, nn.Linear):
 
 
 def _conv_args(layer: nn.Module) -> tuple:
+    """aten.convolution's (stride, padding, dilation, transposed, output_padding, groups); a
+    non-zeros padding_mode pads the input beforehand (as nn.ConvNd does)."""
     d = len(layer.kernel_size)
-    return layer.stride, layer.padding, layer.dilation, False, (0,) * d, layer.groups
+    padding = layer.padding if layer.padding_mode == "zeros" else (0,) * d
+    return layer.stride, padding, layer.dilation, False, (0,) * d, layer.groups
 
 
 class _FAConvFn(torch.autograd.Function):
