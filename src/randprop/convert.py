@@ -136,7 +136,10 @@ def _target_class(
         return MASKED[kind], ""
     new_class = cfg.layer_class(kind)
     if new_class is not None:
-        return new_class, ""
+        # a layer class may refuse some settings of the module: rp_unsupported(module) -> reason
+        unsupported = getattr(new_class, "rp_unsupported", None)
+        reason = unsupported(module) if unsupported is not None else None
+        return (None, reason) if reason else (new_class, "")
     base = next((b for b in kind.__mro__[1:] if cfg.layer_class(b) is not None), None)
     if base is not None:
         return None, f"subclass of {base.__name__} with its own forward; kept exact"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from randprop.models import feedback, feedforward
+from randprop.models import feedback, feedforward, recurrent
 from randprop.models import rad as rad_models
 
 
@@ -39,6 +39,10 @@ MODELS: dict[str, ModelSpec] = {
     "rad-cnn-cifar": ModelSpec(
         rad_models.rad_cnn_cifar, (3, 32, 32), "4-conv 16/32/32/32 5x5 net (RAD paper, CIFAR-10)"
     ),
+    "irnn": ModelSpec(
+        recurrent.irnn, (28, 28), "IRNN hidden 100 on 28 rows of 28 pixels (RAD paper, seq-MNIST)"
+    ),
+    "lstm": ModelSpec(recurrent.lstm, (28, 28), "LSTM hidden 100 on 28 rows of 28 pixels"),
 }
 
 

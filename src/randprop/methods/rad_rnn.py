@@ -1,0 +1,353 @@
+"""RAD through time: ReLU RNNs (IRNN) and LSTMs whose weight gradients use RAD sketches.
+
+A recurrent layer computes, for t = 0..T-1, pre-activations z_t = W_ih x_t + W_hh h_{t-1} + b.
+The weight gradients are sums over time of outer products,
+
+    dW_ih = sum_t dz_t^T x_t,    dW_hh = sum_t dz_t^T h_{t-1},
+
+so, as for a Linear layer (methods/rad.py), storing unbiased sketches x_hat_t, h_hat_{t-1}
+(E[x_hat] = x) keeps them unbiased. The recurrent backward signal is exact:
+
+- ReLU RNN, h_t = relu(z_t): dz_t = (dh_t) * 1[z_t > 0] and dh_{t-1} += dz_t W_hh, which needs
+  only the 1-bit masks 1[h_t > 0] (methods/masks.py), so the hidden-state sequence is never
+  stored, only its sketches (a fraction p of it) and T*B*H bits.
+- LSTM (gate order i, f, g, o as in torch): c_t = f c_{t-1} + i g, h_t = o tanh(c_t). The gate
+  derivatives need the gate activations and the cell states, which are stored exactly (5H per
+  step); h_{t-1} enters only through W_hh h_{t-1}, so it is stored as a sketch.
+
+Every step sketches with its own seed derive_seed(layer_seed, kind, t) (kind 0: input, 1:
+hidden), the layer seed coming from the converted module's seed stream.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from randprop.methods.base import RandomizedLayer, autocast_inputs
+from randprop.methods.masks import pack_bits, unpack_bits
+from randprop.methods.rad import _LAYERS, RAD, compress, linear_weight_grad
+from randprop.random import derive_seed
+
+_INPUT, _HIDDEN = 0, 1
+
+
+def _sketch_sequence(rows: list[torch.Tensor], cfg: RAD, seed: int, kind: int, first: int):
+    """RAD sketches of the (B, n) tensors ``rows`` (time steps first, first, ...)."""
+    return [
+        compress(r.unsqueeze(1), cfg, derive_seed(seed, kind, first + i))
+        for i, r in enumerate(rows)
+    ]
+
+
+def _weight_grad(grad_z: torch.Tensor, stored, n: int, cfg: RAD, seed: int, kind: int, first: int):
+    """sum_t dz_t^T x_hat_t over the steps t = first.. that have a sketch in ``stored``."""
+    grad = grad_z.new_zeros(grad_z.shape[-1], n)
+    for i, s in enumerate(stored):
+        t = first + i
+        grad += linear_weight_grad(grad_z[t], s, n, cfg, derive_seed(seed, kind, t))
+    return grad
+
+
+class _ReLURNNFn(torch.autograd.Function):
+    """One ReLU RNN layer over a (T, B, n) sequence; returns the (T, B, H) hidden states."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, cfg: RAD, seed: int):
+        steps, batch, _ = x.shape
+        pre = F.linear(x, w_ih, b_ih)
+        if b_hh is not None:
+            pre = pre + b_hh
+        h = x.new_zeros(batch, w_hh.shape[0]) if h0 is None else h0
+        out = torch.empty_like(pre)
+        for t in range(steps):
+            h = torch.addmm(pre[t], h, w_hh.T).clamp_min_(0)
+            out[t] = h
+        xs = _sketch_sequence(list(x), cfg, seed, _INPUT, 0) if ctx.needs_input_grad[2] else []
+        first = 0 if h0 is not None else 1  # a zero initial state adds nothing to dW_hh
+        prev = ([h0] if h0 is not None else []) + list(out[:-1])
+        hs = _sketch_sequence(prev, cfg, seed, _HIDDEN, first) if ctx.needs_input_grad[3] else []
+        ctx.save_for_backward(w_ih, w_hh, pack_bits(out > 0), *xs, *hs)
+        ctx.meta = (cfg, seed, out.shape, len(xs), first, b_ih is not None, b_hh is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cfg, seed, shape, n_xs, first, has_b_ih, has_b_hh = ctx.meta
+        w_ih, w_hh, packed, *sketches = ctx.saved_tensors
+        positive = unpack_bits(packed, shape)
+        grad_z = torch.empty_like(grad_out)
+        dh = grad_out.new_zeros(shape[1:])
+        for t in reversed(range(shape[0])):
+            dz = torch.where(positive[t], dh + grad_out[t], 0.0)
+            grad_z[t] = dz
+            dh = dz @ w_hh
+        need = ctx.needs_input_grad
+        grad_x = grad_z @ w_ih if need[0] else None
+        grad_w_ih = grad_w_hh = None
+        if need[2]:
+            grad_w_ih = _weight_grad(grad_z, sketches[:n_xs], w_ih.shape[1], cfg, seed, _INPUT, 0)
+        if need[3]:
+            grad_w_hh = _weight_grad(
+                grad_z, sketches[n_xs:], w_hh.shape[1], cfg, seed, _HIDDEN, first
+            )
+        grad_b = grad_z.sum((0, 1)) if has_b_ih or has_b_hh else None
+        return (
+            grad_x,
+            dh if need[1] else None,
+            grad_w_ih,
+            grad_w_hh,
+            grad_b if has_b_ih and need[4] else None,
+            grad_b if has_b_hh and need[5] else None,
+            None,
+            None,
+        )
+
+
+class _LSTMFn(torch.autograd.Function):
+    """One LSTM layer over a (T, B, n) sequence; returns ((T, B, H) hidden states, c_T)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, cfg: RAD, seed: int):
+        steps, batch, _ = x.shape
+        hidden = w_hh.shape[1]
+        pre = F.linear(x, w_ih, b_ih)
+        if b_hh is not None:
+            pre = pre + b_hh
+        h = x.new_zeros(batch, hidden) if h0 is None else h0
+        c = x.new_zeros(batch, hidden) if c0 is None else c0
+        out = x.new_empty(steps, batch, hidden)
+        gates = torch.empty_like(pre)
+        cells = torch.empty_like(out)
+        for t in range(steps):
+            g = torch.addmm(pre[t], h, w_hh.T)
+            i, f, gg, o = g.chunk(4, 1)
+            i, f, gg, o = i.sigmoid(), f.sigmoid(), gg.tanh(), o.sigmoid()
+            c = f * c + i * gg
+            h = o * c.tanh()
+            gates[t] = torch.cat([i, f, gg, o], 1)
+            cells[t], out[t] = c, h
+        xs = _sketch_sequence(list(x), cfg, seed, _INPUT, 0) if ctx.needs_input_grad[3] else []
+        first = 0 if h0 is not None else 1
+        prev = ([h0] if h0 is not None else []) + list(out[:-1])
+        hs = _sketch_sequence(prev, cfg, seed, _HIDDEN, first) if ctx.needs_input_grad[4] else []
+        c_init = x.new_zeros(0) if c0 is None else c0  # c_{-1}, needed exactly by the f gate
+        ctx.save_for_backward(w_ih, w_hh, gates, cells, c_init, *xs, *hs)
+        ctx.meta = (cfg, seed, len(xs), first, b_ih is not None, b_hh is not None)
+        return out, c
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_cn):
+        cfg, seed, n_xs, first, has_b_ih, has_b_hh = ctx.meta
+        w_ih, w_hh, gates, cells, c_init, *sketches = ctx.saved_tensors
+        grad_gates = torch.empty_like(gates)
+        dh = grad_out.new_zeros(grad_out.shape[1:])
+        dc = grad_cn.clone()
+        for t in reversed(range(grad_out.shape[0])):
+            dh = dh + grad_out[t]
+            i, f, g, o = gates[t].chunk(4, 1)
+            tc = cells[t].tanh()
+            if t > 0:
+                c_prev = cells[t - 1]
+            else:
+                c_prev = c_init if c_init.numel() else torch.zeros_like(tc)
+            dc = dc + dh * o * (1 - tc * tc)
+            grad_gates[t] = torch.cat(
+                [
+                    dc * g * i * (1 - i),
+                    dc * c_prev * f * (1 - f),
+                    dc * i * (1 - g * g),
+                    dh * tc * o * (1 - o),
+                ],
+                1,
+            )
+            dc = dc * f
+            dh = grad_gates[t] @ w_hh
+        need = ctx.needs_input_grad
+        grad_x = grad_gates @ w_ih if need[0] else None
+        grad_w_ih = grad_w_hh = None
+        if need[3]:
+            grad_w_ih = _weight_grad(
+                grad_gates, sketches[:n_xs], w_ih.shape[1], cfg, seed, _INPUT, 0
+            )
+        if need[4]:
+            grad_w_hh = _weight_grad(
+                grad_gates, sketches[n_xs:], w_hh.shape[1], cfg, seed, _HIDDEN, first
+            )
+        grad_b = grad_gates.sum((0, 1)) if has_b_ih or has_b_hh else None
+        return (
+            grad_x,
+            dh if need[1] else None,
+            dc if need[2] else None,
+            grad_w_ih,
+            grad_w_hh,
+            grad_b if has_b_ih and need[5] else None,
+            grad_b if has_b_hh and need[6] else None,
+            None,
+            None,
+        )
+
+
+def rad_relu_rnn(
+    x: torch.Tensor,
+    h0: torch.Tensor | None,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None,
+    b_hh: torch.Tensor | None,
+    cfg: RAD,
+    seed: int,
+) -> torch.Tensor:
+    """ReLU RNN layer on x (T, B, n) from h0 (B, H) or zeros: the (T, B, H) hidden states.
+
+    Forward and input / hidden-state gradients are exact; dW_ih, dW_hh use RAD sketches.
+    """
+    x, h0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, w_ih, w_hh, b_ih, b_hh)
+    return _ReLURNNFn.apply(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, seed)
+
+
+def rad_lstm(
+    x: torch.Tensor,
+    h0: torch.Tensor | None,
+    c0: torch.Tensor | None,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None,
+    b_hh: torch.Tensor | None,
+    cfg: RAD,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSTM layer on x (T, B, n): ((T, B, H) hidden states, final cell state (B, H)).
+
+    Forward and input / state gradients are exact; dW_ih, dW_hh use RAD sketches.
+    """
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    return _LSTMFn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, cfg, seed)
+
+
+# --- layers ---------------------------------------------------------------------------------
+
+
+def _unsupported_rnn(module: nn.RNNBase) -> str | None:
+    if module.bidirectional:
+        return "bidirectional recurrent layers are not supported; kept exact"
+    if module.dropout and module.num_layers > 1:
+        return "dropout between recurrent layers is not supported; kept exact"
+    if getattr(module, "proj_size", 0):
+        return "proj_size > 0 is not supported; kept exact"
+    return None
+
+
+class _RADRNNBase(RandomizedLayer):
+    """Shared sequence handling: batch_first, unbatched input, stacked layers."""
+
+    def forward(self, input: torch.Tensor, hx=None):
+        if isinstance(input, PackedSequence):
+            raise TypeError(
+                f"{type(self).__name__} takes a padded tensor; PackedSequence is not supported"
+            )
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else input
+        if self.batch_first and not unbatched:
+            x = x.transpose(0, 1)
+        states = self._split_states(hx, unbatched)
+        seed = self.rp_next_seed()
+        finals = []
+        for layer in range(self.num_layers):
+            weights = [getattr(self, f"{w}_l{layer}", None) for w in _WEIGHT_NAMES]
+            x, final = self._layer(
+                x, states[layer], weights, self.rp_method, derive_seed(seed, layer)
+            )
+            finals.append(final)
+        out = x.squeeze(1) if unbatched else (x.transpose(0, 1) if self.batch_first else x)
+        return out, self._join_states(finals, unbatched)
+
+
+_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+class RADRNN(_RADRNNBase, nn.RNN):
+    """nn.RNN (nonlinearity='relu') with RAD weight gradients and 1-bit recurrent masks."""
+
+    @staticmethod
+    def rp_unsupported(module: nn.RNN) -> str | None:
+        if module.nonlinearity != "relu":
+            return "RAD through time needs nonlinearity='relu' (1-bit masks); kept exact"
+        return _unsupported_rnn(module)
+
+    def _split_states(self, hx, unbatched):
+        if hx is None:
+            return [None] * self.num_layers
+        return list(hx.unsqueeze(1) if unbatched else hx)
+
+    def _layer(self, x, h0, weights, cfg, seed):
+        out = rad_relu_rnn(x, h0, *weights, cfg, seed)
+        return out, out[-1]
+
+    def _join_states(self, finals, unbatched):
+        h_n = torch.stack(finals)
+        return h_n.squeeze(1) if unbatched else h_n
+
+
+class RADLSTM(_RADRNNBase, nn.LSTM):
+    """nn.LSTM with RAD weight gradients (gates and cell states stored exactly)."""
+
+    rp_unsupported = staticmethod(_unsupported_rnn)
+
+    def _split_states(self, hx, unbatched):
+        if hx is None:
+            return [(None, None)] * self.num_layers
+        h, c = (s.unsqueeze(1) if unbatched else s for s in hx)
+        return list(zip(h, c, strict=True))
+
+    def _layer(self, x, state, weights, cfg, seed):
+        out, c_n = rad_lstm(x, *state, *weights, cfg, seed)
+        return out, (out[-1], c_n)
+
+    def _join_states(self, finals, unbatched):
+        h_n = torch.stack([h for h, _ in finals])
+        c_n = torch.stack([c for _, c in finals])
+        if unbatched:
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return h_n, c_n
+
+
+def _cell_weights(cell: nn.RNNCellBase):
+    return cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+
+
+class RADRNNCell(RandomizedLayer, nn.RNNCell):
+    """nn.RNNCell (nonlinearity='relu') with RAD weight gradients: one step of :class:`RADRNN`."""
+
+    @staticmethod
+    def rp_unsupported(module: nn.RNNCell) -> str | None:
+        if module.nonlinearity != "relu":
+            return "RAD through time needs nonlinearity='relu' (1-bit masks); kept exact"
+        return None
+
+    def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> torch.Tensor:
+        unbatched = input.dim() == 1
+        x = input.reshape(1, -1, input.shape[-1])
+        h0 = None if hx is None else hx.reshape(x.shape[1], -1)
+        h = rad_relu_rnn(x, h0, *_cell_weights(self), self.rp_method, self.rp_next_seed())[0]
+        return h.squeeze(0) if unbatched else h
+
+
+class RADLSTMCell(RandomizedLayer, nn.LSTMCell):
+    """nn.LSTMCell with RAD weight gradients: one step of :class:`RADLSTM`."""
+
+    def forward(self, input: torch.Tensor, hx=None) -> tuple[torch.Tensor, torch.Tensor]:
+        unbatched = input.dim() == 1
+        x = input.reshape(1, -1, input.shape[-1])
+        h0, c0 = (None, None) if hx is None else (s.reshape(x.shape[1], -1) for s in hx)
+        out, c = rad_lstm(x, h0, c0, *_cell_weights(self), self.rp_method, self.rp_next_seed())
+        h = out[0]
+        return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
+
+
+# RAD converts recurrent layers too: register them in its layer map.
+_LAYERS.update(
+    {nn.RNN: RADRNN, nn.LSTM: RADLSTM, nn.RNNCell: RADRNNCell, nn.LSTMCell: RADLSTMCell}
+)
