@@ -12,11 +12,13 @@ from randprop import functional, rules
 from randprop.config import METHODS, MethodConfig, parse_method
 from randprop.convert import ConversionReport, convert, load_method_state, method_state, restore
 from randprop.measure import GradientDiagnostics, gradient_diagnostics, track_saved
-from randprop.methods import RAD, Exact
+from randprop.methods import AOP, CRS, RAD, Exact, reset_memory
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AOP",
+    "CRS",
     "METHODS",
     "RAD",
     "ConversionReport",
@@ -29,6 +31,7 @@ __all__ = [
     "load_method_state",
     "method_state",
     "parse_method",
+    "reset_memory",
     "restore",
     "rules",
     "track_saved",

@@ -153,6 +153,9 @@ def restore(model: nn.Module) -> list[str]:
         original = getattr(module, "rp_original_class", None)
         if original is None:
             continue
+        release = getattr(module, "rp_release", None)
+        if release is not None:  # drop estimator state (buffers) a plain layer does not have
+            release()
         module.__class__ = original
         for attr in _CONVERTED_ATTRS:
             module.__dict__.pop(attr, None)

@@ -1,6 +1,8 @@
 """Functional forms of randprop's layers, for use inside any forward (as torch.nn.functional)."""
 
+from randprop.methods.aop import aop_linear
+from randprop.methods.crs import crs_linear
 from randprop.methods.masks import leaky_relu, relu
 from randprop.methods.rad import rad_conv, rad_linear
 
-__all__ = ["leaky_relu", "rad_conv", "rad_linear", "relu"]
+__all__ = ["aop_linear", "crs_linear", "leaky_relu", "rad_conv", "rad_linear", "relu"]

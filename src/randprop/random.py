@@ -108,3 +108,32 @@ def projection(
 def kept_count(n: int, fraction: float) -> int:
     """ceil(fraction * n), at least 1 and at most n."""
     return min(n, max(1, math.ceil(fraction * n - 1e-9)))
+
+
+def weighted_indices(weights: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """``k`` distinct indices of the 1-D ``weights`` drawn successively without replacement, each
+    draw with probability proportional to the weights not yet drawn (Efraimidis-Spirakis keys
+    log(u) / w). Zero weights come only after every positive one, in no particular order."""
+    n = weights.numel()
+    if not 0 < k <= n:
+        raise ValueError(f"k must be in [1, n={n}], got {k}")
+    u = torch.rand(n, generator=gen, device=weights.device, dtype=torch.float64)
+    return (u.log() / weights.double()).topk(k, sorted=False).indices
+
+
+def systematic_indices(probs: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """``k`` distinct indices, index i included with probability exactly ``probs[i]``.
+
+    ``probs`` (1-D, each in [0, 1]) must sum to the integer ``k``. Systematic sampling over a
+    random order: lay the probabilities end to end on [0, k) and take the points u + j,
+    j = 0..k-1, u ~ U[0, 1); each index owns an interval of length probs[i] <= 1, so it holds at
+    most one point, and does so with probability probs[i].
+    """
+    n = probs.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n={n}], got {k}")
+    order = torch.randperm(n, generator=gen, device=probs.device)
+    ends = probs.double()[order].cumsum(0)
+    u = torch.rand((), generator=gen, device=probs.device, dtype=torch.float64)
+    points = u + torch.arange(k, device=probs.device, dtype=torch.float64)
+    return order[torch.searchsorted(ends, points, right=True).clamp_max(n - 1)]

@@ -1,7 +1,9 @@
 """Estimator families: one module each with its config, autograd Functions and layer classes."""
 
 from randprop.methods import rad_rnn  # noqa: F401 (registers RAD's recurrent layers)
+from randprop.methods.aop import AOP, reset_memory
+from randprop.methods.crs import CRS
 from randprop.methods.exact import Exact
 from randprop.methods.rad import RAD
 
-__all__ = ["Exact", "RAD"]
+__all__ = ["AOP", "CRS", "Exact", "RAD", "reset_memory"]

@@ -1,0 +1,348 @@
+"""Mem-AOP-GD: approximate outer products with memory, for Linear layers (SEEDS.md section 3).
+
+Every leading position of the input is one row: X (N x n), D = dL/dY (N x m) and the weight
+gradient dW = D^T X = sum_i d_i x_i^T is a sum of N outer products. AOP keeps K of them, chosen
+on the scores s_i = |a_i| |g_i| of the candidate rows (a_i, g_i):
+
+- topk: the K largest s_i;
+- weighted: K without replacement, drawn successively with probability proportional to s_i^2;
+- random: K uniformly.
+
+Nothing is reweighted, so the estimate is biased; memory (error feedback) corrects the bias.
+The weight gradient is one dense GEMM G_S^T A_S over the K selected rows (index_select, then
+matmul): it costs K/N of the exact GEMM. Forward, bias gradient and (by default) input
+gradient are exact.
+
+Memory, held in buffers of the layer:
+
+- rows (the authors' slot-wise memory): A = A_mem + X, G = G_mem + D, dW ~ G_S^T A_S, then
+  (A_mem, G_mem) = sqrt(decay) (A, G) with the rows in S zeroed. Adding slot by slot mixes an
+  old row with a new example (cross terms), so the unused outer products are not kept exactly.
+- queue: the unused rows (a_i, g_i) are offered again next step beside the new ones, scaled by
+  sqrt(decay). With decay = 1, applied updates plus G_q^T A_q equal the sum of the exact
+  gradients, exactly, as long as the queue has room: it holds ceil(capacity x rows of the first
+  batch) rows, and when more are left over the lowest-score ones are dropped (counted in the
+  layer's ``aop_dropped``).
+- off: no memory.
+
+target="input" applies the same selection to dX = D W = sum_j D[:, j] W[j, :] over the m output
+features (scores |D[:, j]| |W[j, :]|, no memory); "both" does both.
+
+State. The buffers ``aop_memory_x`` (rows x in_features), ``aop_memory_d`` (rows x
+out_features) and, for the queue, ``aop_memory_count`` are created on the first training
+forward and are persistent: they add these keys to the layer's state_dict, and loading a
+state_dict holding them re-creates them at its shapes. ``reset_memory()`` (or
+``rp.reset_memory(model)``) forgets them; ``rp.restore`` removes them.
+
+Batch size. "rows" has one slot per row of the first batch: a batch with fewer rows uses the
+first slots and the other slots wait unchanged; a batch with more rows grows the memory with
+empty slots (changing the buffers' shapes in the state_dict). "queue" takes any batch size; its
+capacity is fixed on first use. K = k, or ceil(keep x rows); k larger than a batch's rows is an
+error (drop the last incomplete batch, or use keep).
+
+Gradient accumulation. Memory is updated once per backward pass, so over M micro-batches each
+one sees the rows left by the previous one, an optimizer step applies M K outer products, and for
+the queue the accumulated .grad plus the memory still equals the exact accumulated gradient.
+A backward pass run twice over one graph updates the memory twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from randprop import random as rnd
+from randprop.config import MethodConfig, check_choice, check_fraction, register
+from randprop.methods.base import RandomizedLayer, autocast_inputs
+
+POLICIES = ("topk", "weighted", "random")
+MEMORIES = ("rows", "queue", "off")
+TARGETS = ("weight", "input", "both")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class AOP(MethodConfig):
+    """Mem-AOP-GD: keep K of the outer products of the weight gradient, memory corrects the bias.
+
+    k: outer products kept per step (a count), or keep: the fraction of rows (default 0.125).
+    policy: "topk", "weighted" (p ~ (|x_i||d_i|)^2, without replacement) or "random".
+    memory: "rows" (authors' slot-wise), "queue" (conserving) or "off".
+    decay: memory is scaled by sqrt(decay) per step, in (0, 1].
+    target: "weight", "input" (dX over output features, no memory) or "both".
+    capacity: queue size in multiples of the first batch's rows.
+    """
+
+    name = "aop"
+    saves_memory = False
+    k: int | None = None
+    keep: float | None = None
+    policy: str = "topk"
+    memory: str = "rows"
+    decay: float = 1.0
+    target: str = "weight"
+    capacity: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.k is None and self.keep is None:
+            object.__setattr__(self, "keep", 0.125)
+        if self.k is not None and self.keep is not None:
+            raise ValueError(f"aop: give k or keep, not both; got k={self.k}, keep={self.keep}")
+        if self.k is not None and (
+            not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1
+        ):
+            raise ValueError(f"aop: k must be a positive integer; got {self.k!r}")
+        if self.keep is not None:
+            check_fraction("aop", "keep", self.keep)
+        check_choice("aop", "policy", self.policy, POLICIES)
+        check_choice("aop", "memory", self.memory, MEMORIES)
+        check_choice("aop", "target", self.target, TARGETS)
+        check_fraction("aop", "decay", self.decay)
+        ok = isinstance(self.capacity, (int, float)) and not isinstance(self.capacity, bool)
+        if not ok or not self.capacity > 0:
+            raise ValueError(f"aop: capacity must be a number > 0; got {self.capacity!r}")
+        if self.target == "input" and self.memory != "off":
+            raise ValueError(
+                "aop: memory applies to the weight gradient only; use memory='off' with "
+                f"target='input' (got memory={self.memory!r})"
+            )
+
+    def count(self, rows: int, what: str = "rows") -> int:
+        """K for ``rows`` candidates: k, or ceil(keep x rows); a clear error if k > rows."""
+        k = self.k if self.k is not None else rnd.kept_count(rows, self.keep)
+        if k > rows:
+            raise ValueError(
+                f"aop: k={k} exceeds the {rows} {what} of this batch; choose k <= {rows} "
+                "or a keep fraction"
+            )
+        return k
+
+    @property
+    def selects_weight(self) -> bool:
+        return self.target in ("weight", "both")
+
+    @property
+    def selects_input(self) -> bool:
+        return self.target in ("input", "both")
+
+    def layer_class(self, module_type: type) -> type | None:
+        return AOPLinear if module_type is nn.Linear else None
+
+
+# --- layer state in lazily created, persistent buffers ---------------------------------------
+
+
+class LayerState(nn.Module):
+    """Mixin: estimator state in persistent buffers named in ``rp_buffers``, created on first
+    use; loading a state_dict that holds them re-creates them at the loaded shapes."""
+
+    rp_buffers: tuple[str, ...] = ()
+
+    def reset_memory(self) -> None:
+        """Forget the state (the buffers are deleted and created afresh on the next forward)."""
+        for name in self.rp_buffers:
+            self._buffers.pop(name, None)
+
+    def rp_release(self) -> None:
+        """Called by rp.restore: a plain layer has no estimator state."""
+        self.reset_memory()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        weight = getattr(self, "weight", None)
+        for name in self.rp_buffers:
+            value = state_dict.get(prefix + name)
+            current = self._buffers.get(name)
+            if value is not None and (current is None or current.shape != value.shape):
+                device = weight.device if weight is not None else value.device
+                self.register_buffer(name, torch.empty_like(value, device=device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class AOPMemory(LayerState):
+    """Holder of AOP memory for the functional form :func:`aop_linear` (AOPLinear is its own)."""
+
+    rp_buffers = ("aop_memory_x", "aop_memory_d", "aop_memory_count")
+
+
+def _ensure_memory(
+    owner: nn.Module, cfg: AOP, rows: int, shape: tuple[int, int], dtype: torch.dtype, device
+) -> None:
+    """Create (or, for "rows", grow) the memory buffers of ``owner`` for a batch of ``rows``."""
+    n, m = shape
+    mem_x = owner._buffers.get("aop_memory_x")
+    if mem_x is not None and (mem_x.shape[1], owner.aop_memory_d.shape[1]) != (n, m):
+        raise ValueError(
+            f"aop: memory holds rows of {mem_x.shape[1]} -> {owner.aop_memory_d.shape[1]} "
+            f"features, this layer has {n} -> {m}; call reset_memory() first"
+        )
+    if cfg.memory == "queue":
+        if mem_x is None or "aop_memory_count" not in owner._buffers:
+            cap = max(1, math.ceil(cfg.capacity * rows))
+            owner.register_buffer("aop_memory_x", torch.zeros(cap, n, dtype=dtype, device=device))
+            owner.register_buffer("aop_memory_d", torch.zeros(cap, m, dtype=dtype, device=device))
+            owner.register_buffer(
+                "aop_memory_count", torch.zeros((), dtype=torch.long, device=device)
+            )
+        return
+    if mem_x is None or mem_x.shape[0] < rows:
+        grown = [torch.zeros(rows, k, dtype=dtype, device=device) for k in (n, m)]
+        if mem_x is not None:
+            grown[0][: mem_x.shape[0]] = mem_x
+            grown[1][: mem_x.shape[0]] = owner.aop_memory_d
+        owner.register_buffer("aop_memory_x", grown[0])
+        owner.register_buffer("aop_memory_d", grown[1])
+    owner._buffers.pop("aop_memory_count", None)
+
+
+# --- selection and the estimated gradients ----------------------------------------------------
+
+
+def select(scores: torch.Tensor, k: int, policy: str, gen: torch.Generator) -> torch.Tensor:
+    """Indices of the ``k`` outer products kept, given their scores |a_i| |g_i| (1-D)."""
+    if policy == "topk":
+        return scores.topk(k, sorted=False).indices
+    if policy == "weighted":
+        return rnd.weighted_indices(scores.square(), k, gen)
+    return rnd.sample_indices(scores.numel(), k, gen, scores.device)
+
+
+def _row_scores(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return a.norm(dim=1) * g.norm(dim=1)
+
+
+def _gemm(a: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """sum_{i in idx} g_i a_i^T as one dense GEMM over the selected rows."""
+    return g.index_select(0, idx).T @ a.index_select(0, idx)
+
+
+def weight_grad(
+    x: torch.Tensor, d: torch.Tensor, cfg: AOP, k: int, gen: torch.Generator, owner
+) -> torch.Tensor:
+    """The AOP estimate of D^T X (x: N x n, d: N x m), updating ``owner``'s memory."""
+    if cfg.memory == "off":
+        return _gemm(x, d, select(_row_scores(x, d), k, cfg.policy, gen))
+    mem_x, mem_d = owner.aop_memory_x, owner.aop_memory_d
+    scale = math.sqrt(cfg.decay)
+    if cfg.memory == "rows":
+        a = mem_x[: x.shape[0]].add_(x)  # views: the memory is updated in place
+        g = mem_d[: x.shape[0]].add_(d)
+        idx = select(_row_scores(a, g), k, cfg.policy, gen)
+        grad = _gemm(a, g, idx)
+        for rows in (a, g):
+            rows.index_fill_(0, idx, 0)
+            if scale != 1:
+                rows.mul_(scale)
+        return grad
+    queued = int(owner.aop_memory_count)
+    a = torch.cat([x.to(mem_x.dtype), mem_x[:queued]])
+    g = torch.cat([d.to(mem_d.dtype), mem_d[:queued]])
+    scores = _row_scores(a, g)
+    idx = select(scores, k, cfg.policy, gen)
+    grad = _gemm(a, g, idx)
+    unused = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+    unused[idx] = False
+    rest = unused.nonzero().squeeze(1)
+    capacity = mem_x.shape[0]
+    if rest.numel() > capacity:
+        owner.aop_dropped = getattr(owner, "aop_dropped", 0) + rest.numel() - capacity
+        rest = rest[scores[rest].topk(capacity, sorted=False).indices]
+    kept = rest.numel()
+    mem_x.zero_()[:kept] = a.index_select(0, rest) * scale
+    mem_d.zero_()[:kept] = g.index_select(0, rest) * scale
+    owner.aop_memory_count.fill_(kept)
+    return grad
+
+
+def input_grad(
+    d: torch.Tensor, weight: torch.Tensor, cfg: AOP, k: int, gen: torch.Generator
+) -> torch.Tensor:
+    """The AOP estimate of D W over K of the m output features (d: N x m, weight: m x n)."""
+    idx = select(d.norm(dim=0) * weight.norm(dim=1), k, cfg.policy, gen)
+    return d.index_select(1, idx) @ weight.index_select(0, idx)
+
+
+class _AOPLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg: AOP, seed: int, owner, counts):
+        ctx.save_for_backward(x, weight)
+        ctx.cfg, ctx.seed, ctx.owner, ctx.counts = cfg, seed, owner, counts
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        cfg, (k_rows, k_features) = ctx.cfg, ctx.counts
+        d = grad_out.reshape(-1, grad_out.shape[-1])
+        gen = rnd.generator(ctx.seed, d.device)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            rows = x.reshape(-1, x.shape[-1])
+            if cfg.selects_weight:
+                grad_w = weight_grad(rows, d, cfg, k_rows, gen, ctx.owner).to(weight.dtype)
+            else:
+                grad_w = d.T @ rows
+        if ctx.needs_input_grad[0]:
+            if cfg.selects_input:
+                grad_x = input_grad(d, weight, cfg, k_features, gen).view(x.shape)
+            else:
+                grad_x = (grad_out @ weight).view(x.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = d.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def aop_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: AOP,
+    seed: int,
+    memory: nn.Module | None = None,
+) -> torch.Tensor:
+    """F.linear with Mem-AOP-GD gradients drawn with ``seed``.
+
+    memory: the module holding the memory buffers (an :class:`AOPMemory`, or the layer itself);
+    required unless cfg.memory is "off" or cfg.target is "input".
+    """
+    state_dtype = weight.dtype
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    counts = (0, 0)
+    if torch.is_grad_enabled():
+        k_rows = cfg.count(rows) if cfg.selects_weight and weight.requires_grad else 0
+        k_features = cfg.count(weight.shape[0], "output features") if cfg.selects_input else 0
+        counts = (k_rows, k_features)
+        if k_rows and cfg.memory != "off":
+            if memory is None:
+                raise ValueError(
+                    f"aop: memory={cfg.memory!r} needs a module to hold its buffers: pass "
+                    "memory=AOPMemory(), use AOPLinear, or set memory='off'"
+                )
+            shape = (weight.shape[1], weight.shape[0])
+            _ensure_memory(memory, cfg, rows, shape, state_dtype, weight.device)
+    return _AOPLinearFn.apply(x, weight, bias, cfg, seed, memory, counts)
+
+
+class AOPLinear(LayerState, RandomizedLayer, nn.Linear):
+    """nn.Linear with Mem-AOP-GD gradients; its memory buffers are part of its state_dict."""
+
+    rp_buffers = AOPMemory.rp_buffers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return aop_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed(), self)
+
+
+def reset_memory(model: nn.Module) -> list[str]:
+    """Forget the estimator state (AOP memory, CRS gradient-norm estimates) of every layer of
+    ``model``; returns the names of the layers reset."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LayerState):
+            module.reset_memory()
+            names.append(name)
+    return names

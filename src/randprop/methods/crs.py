@@ -1,0 +1,182 @@
+"""Unbiased column-row sampling (CRS) with winners kept exactly (as WTA-CRS), for Linear layers.
+
+Every leading position of the input is one row: dW = D^T X = sum_i d_i x_i^T over N rows. The
+rows are chosen in forward, before D is known, on the scores s_i = |x_i| h_t(i), where h is a
+running estimate of the output-gradient norm |d_i| at position t (positions: the leading
+dimensions after the first, e.g. the tokens of a (B, T, n) input; a single value for (B, n),
+where the scores reduce to |x_i|). With K = ceil(keep x N):
+
+- winners: the W highest-score rows, W >= floor(winners x K) and just large enough that no
+  probability below exceeds 1; they are kept with weight 1;
+- the other K - W rows are drawn without replacement from the rest R with inclusion
+  probabilities p_i = (K - W) s_i / sum_R s (systematic sampling), each weighted by 1 / p_i.
+
+So dW_hat = sum_winners d_i x_i^T + sum_sampled d_i x_i^T / p_i and E[dW_hat | h] = dW. Only the
+K chosen rows of X are stored (with their indices and weights), about keep x the bytes of X, and
+the weight gradient is one GEMM over those K rows. Forward, input and bias gradients are exact.
+
+The estimate h is the persistent buffer ``crs_grad_norm`` (one value per position, added to the
+layer's state_dict on the first training forward): an exponential moving average, with
+``momentum``, of the batch mean of |d_i| per position, updated in backward. Until the first
+backward it is zero and the scores are |x_i|; it is floored at 1% of its mean, so that a stale
+estimate never makes a probability vanish. A batch whose positions have another shape resets it.
+``reset_memory()`` forgets it; ``rp.restore`` removes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from randprop import random as rnd
+from randprop.config import MethodConfig, check_fraction, register
+from randprop.methods.aop import LayerState
+from randprop.methods.base import RandomizedLayer, autocast_inputs
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class CRS(MethodConfig):
+    """Unbiased column-row sampling: store K = keep x N rows of X, winners kept exactly.
+
+    keep: fraction of rows stored, in (0, 1].
+    winners: least fraction of the K rows kept deterministically (highest scores), in [0, 1].
+    momentum: of the running estimate of output-gradient norms, in [0, 1).
+    """
+
+    name = "crs"
+    keep: float = 0.3
+    winners: float = 0.5
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_fraction("crs", "keep", self.keep)
+        for field, value, top in (
+            ("winners", self.winners, "1]"),
+            ("momentum", self.momentum, "1)"),
+        ):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not (0 <= value <= 1 if top == "1]" else 0 <= value < 1):
+                raise ValueError(f"crs: {field} must be a number in [0, {top}; got {value!r}")
+
+    def layer_class(self, module_type: type) -> type | None:
+        return CRSLinear if module_type is nn.Linear else None
+
+
+class CRSState(LayerState):
+    """Holder of the running gradient-norm estimate for the functional form :func:`crs_linear`."""
+
+    rp_buffers = ("crs_grad_norm",)
+
+
+def choose_rows(
+    scores: torch.Tensor, k: int, winners: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, weights) of the K rows stored: the winners with weight 1, then the sampled rows
+    with weight 1 / p_i (``scores``: 1-D, non-negative; ``winners``: the least winner count)."""
+    n = scores.numel()
+    s, order = scores.double().sort(descending=True)
+    suffix = s.flip(0).cumsum(0).flip(0)
+    j = torch.arange(n, device=s.device)
+    # the least W >= winners with (K - W) s_W <= sum_{i >= W} s_i: no probability above 1
+    fits = ((k - j) * s <= suffix) & (j >= winners) & (j <= k)
+    first = fits.nonzero()
+    w = int(first[0]) if first.numel() else k
+    rest = k - w
+    if rest == 0:
+        return order[:k], torch.ones(k, device=s.device)
+    total = suffix[w]
+    if total > 0:
+        p = rest * s[w:] / total
+    else:  # every remaining row is zero: any probabilities are unbiased
+        p = torch.full((n - w,), rest / (n - w), dtype=s.dtype, device=s.device)
+    picked = rnd.systematic_indices(p, rest, gen)
+    idx = torch.cat([order[:w], order[w:][picked]])
+    weights = torch.cat([torch.ones(w, dtype=s.dtype, device=s.device), 1 / p[picked]])
+    return idx, weights.float()
+
+
+def _positions(shape: torch.Size) -> int:
+    """Positions per example: the leading dimensions after the first (1 for a 2-D input)."""
+    return math.prod(shape[1:-1]) if len(shape) > 2 else 1
+
+
+def _estimate(state: nn.Module | None, positions: int, device) -> torch.Tensor | None:
+    """The state's gradient-norm estimate, created (zero) or reset if ``positions`` changed."""
+    if state is None:
+        return None
+    h = state._buffers.get("crs_grad_norm")
+    if h is None or h.numel() != positions:
+        h = torch.zeros(positions, device=device)
+        state.register_buffer("crs_grad_norm", h)
+    return h
+
+
+class _CRSLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg: CRS, seed: int, estimate):
+        rows = x.reshape(-1, x.shape[-1])
+        n_rows, positions = rows.shape[0], _positions(x.shape)
+        if estimate is None:
+            h = torch.ones(positions, device=x.device)
+        else:
+            floor = 0.01 * estimate.mean()
+            h = torch.where(floor > 0, estimate.clamp_min(floor), torch.ones_like(estimate))
+        scores = rows.detach().float().norm(dim=1) * h.repeat(n_rows // positions)
+        k = rnd.kept_count(n_rows, cfg.keep)
+        gen = rnd.generator(seed, x.device)
+        idx, weights = choose_rows(scores, k, math.floor(cfg.winners * k + 1e-9), gen)
+        ctx.save_for_backward(rows.index_select(0, idx), idx, weights, weight)
+        ctx.cfg, ctx.estimate, ctx.positions = cfg, estimate, positions
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        stored, idx, weights, weight = ctx.saved_tensors
+        d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ weight).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = (d.index_select(0, idx) * weights.to(d.dtype)[:, None]).T @ stored
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = d.sum(0)
+        if ctx.estimate is not None:
+            norms = d.detach().float().norm(dim=1).view(-1, ctx.positions).mean(0)
+            h, m = ctx.estimate, ctx.cfg.momentum
+            h.copy_(torch.where(h == 0, norms, m * h + (1 - m) * norms))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def crs_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: CRS,
+    seed: int,
+    state: nn.Module | None = None,
+) -> torch.Tensor:
+    """F.linear whose weight gradient comes from K = keep x N rows of ``x`` sampled with ``seed``.
+
+    state: the module holding the running gradient-norm estimate (a :class:`CRSState`, or the
+    layer itself); without it the rows are scored by |x_i| alone.
+    """
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return F.linear(x, weight, bias)
+    estimate = _estimate(state, _positions(x.shape), weight.device)
+    return _CRSLinearFn.apply(x, weight, bias, cfg, seed, estimate)
+
+
+class CRSLinear(LayerState, RandomizedLayer, nn.Linear):
+    """nn.Linear whose weight gradient is unbiased column-row sampling over its input rows."""
+
+    rp_buffers = CRSState.rp_buffers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return crs_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed(), self)
