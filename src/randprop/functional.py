@@ -4,5 +4,16 @@ from randprop.methods.aop import aop_linear
 from randprop.methods.crs import crs_linear
 from randprop.methods.masks import leaky_relu, relu
 from randprop.methods.rad import rad_conv, rad_linear
+from randprop.methods.vjp import sparse_vjp, vjp_conv, vjp_linear
 
-__all__ = ["aop_linear", "crs_linear", "leaky_relu", "rad_conv", "rad_linear", "relu"]
+__all__ = [
+    "aop_linear",
+    "crs_linear",
+    "leaky_relu",
+    "rad_conv",
+    "rad_linear",
+    "relu",
+    "sparse_vjp",
+    "vjp_conv",
+    "vjp_linear",
+]

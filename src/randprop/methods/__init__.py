@@ -5,5 +5,6 @@ from randprop.methods.aop import AOP, reset_memory
 from randprop.methods.crs import CRS
 from randprop.methods.exact import Exact
 from randprop.methods.rad import RAD
+from randprop.methods.vjp import SparseVJP
 
-__all__ = ["AOP", "CRS", "Exact", "RAD", "reset_memory"]
+__all__ = ["AOP", "CRS", "Exact", "RAD", "SparseVJP", "reset_memory"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from randprop.models import feedback, feedforward, recurrent
 from randprop.models import rad as rad_models
+from randprop.models import vision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,10 @@ MODELS: dict[str, ModelSpec] = {
         recurrent.irnn, (28, 28), "IRNN hidden 100 on 28 rows of 28 pixels (RAD paper, seq-MNIST)"
     ),
     "lstm": ModelSpec(recurrent.lstm, (28, 28), "LSTM hidden 100 on 28 rows of 28 pixels"),
+    "bagnet": ModelSpec(
+        vision.bagnet, (1, 28, 28), "small BagNet: 3x3/1x1 convs, 9x9-patch logits averaged"
+    ),
+    "vit": ModelSpec(vision.vit, (1, 28, 28), "small ViT: 16 patches 7x7, 2 blocks of width 64"),
 }
 
 

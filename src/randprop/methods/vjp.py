@@ -1,0 +1,501 @@
+"""Unbiased approximate vector-Jacobian products: sketch the signal flowing backward.
+
+The forward pass is exact. In backward the incoming gradient G of a layer's output is replaced
+by S G with E[S] = I, so every VJP and weight gradient computed from it is unbiased, and the
+noise propagates down to the layers below (unlike RAD, which only sketches stored inputs).
+
+Sketches at density q (expected fraction of the signal kept), over n "units":
+- uniform: keep each unit with probability q, S = diag(m_i / q), m_i ~ Bernoulli(q).
+- optimal: p_i = min(1, lambda a_i) with sum_i p_i = q n, a_i = |v_i| (or the norm of a row /
+  column); S = diag(m_i / p_i), m_i ~ Bernoulli(p_i). Its variance sum_i a_i^2 (1/p_i - 1) is
+  the smallest of all diagonal Bernoulli sketches with that expected density.
+- lowrank: S = (n/k) P P^T, P a Haar-random n x k orthonormal frame, k = ceil(q n).
+- gaussian: S = R R^T / k, R an n x k standard Gaussian matrix.
+
+Units (structure): "element" = single entries (diagonal sketches only), "row" = whole examples
+(dim 0), "column" = whole features (last dim of a Linear output) or channels (dim 1 of a conv
+output). Rows and columns make the layer's backward GEMMs smaller: with k of n rows kept,
+dW = G_k^T X_k and dX_k = G_k W run on k rows only; with columns, on k output features. For
+data-independent row sketches (uniform, lowrank, gaussian) the pattern is drawn in the forward
+pass, so only the kept rows (or the k projected rows P^T X) of the input are stored.
+
+Every draw is regenerated from the integer seed saved in ctx.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from randprop import random as rnd
+from randprop.config import METHODS, MethodConfig, check_choice, check_fraction, register
+from randprop.methods.base import RandomizedLayer, autocast_inputs
+from randprop.methods.rad import explicit_padding
+
+SKETCHES = ("uniform", "optimal", "lowrank", "gaussian")
+PROJECTIONS = ("lowrank", "gaussian")
+STRUCTURES = ("element", "row", "column")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class SparseVJP(MethodConfig):
+    """Unbiased sketch S (E[S] = I) of the gradient at the outputs of converted layers.
+
+    density: expected fraction q of the backward signal kept, in (0, 1].
+    sketch: "uniform", "optimal" (minimal variance), "lowrank" or "gaussian".
+    structure: "element", "row" (examples) or "column" (features / channels); the projection
+        sketches mix rows or columns, so they need "row" or "column".
+    budget: where "optimal" element sketches spend q n: over the whole "tensor" or per "row".
+    """
+
+    name = "vjp"
+    saves_memory = False
+    density: float = 0.25
+    sketch: str = "uniform"
+    structure: str = "element"
+    budget: str = "tensor"
+
+    def __post_init__(self) -> None:
+        check_fraction("vjp", "density", self.density)
+        check_choice("vjp", "sketch", self.sketch, SKETCHES)
+        check_choice("vjp", "structure", self.structure, STRUCTURES)
+        check_choice("vjp", "budget", self.budget, ("tensor", "row"))
+        if self.sketch in PROJECTIONS and self.structure == "element":
+            raise ValueError(
+                f"vjp: structure must be one of 'row', 'column' with sketch={self.sketch!r}; "
+                "got 'element'"
+            )
+        if self.budget == "row" and (self.sketch, self.structure) != ("optimal", "element"):
+            raise ValueError(
+                "vjp: budget='row' applies to sketch='optimal', structure='element' only; "
+                f"got sketch={self.sketch!r}, structure={self.structure!r}"
+            )
+
+    def layer_class(self, module_type: type) -> type | None:
+        return _LAYERS.get(module_type)
+
+
+METHODS["sparsevjp"] = SparseVJP
+
+
+# --- the sketches ---------------------------------------------------------------------------
+
+
+def minimal_variance_probabilities(a: torch.Tensor, budget: float) -> torch.Tensor:
+    """p = min(1, lambda a) along the last dim with sum p = min(budget, #nonzero a), a >= 0.
+
+    Vectorised water-filling: sort a descending (s_0 >= s_1 >= ...); with the c largest clipped
+    to 1, lambda_c = (budget - c) / sum_{j>=c} s_j; the solution is the smallest c with
+    lambda_c s_c <= 1. This p minimises sum_i a_i^2 (1/p_i - 1) subject to sum p = budget.
+    """
+    n = a.shape[-1]
+    if not 0 < budget <= n:
+        raise ValueError(f"budget must be in (0, n={n}]; got {budget}")
+    s = a.sort(dim=-1, descending=True).values
+    tail = s.flip(-1).cumsum(-1).flip(-1)
+    c = torch.arange(n, device=a.device, dtype=a.dtype)
+    valid = (budget - c) * s <= tail * (1 + 1e-6)
+    first = valid.to(torch.uint8).argmax(dim=-1, keepdim=True)
+    rest, head = tail.gather(-1, first), budget - first.to(a.dtype)
+    lam = torch.where(rest > 0, head / rest.clamp_min(torch.finfo(a.dtype).tiny), math.inf)
+    return torch.where(a > 0, (lam * a).clamp_max(1.0), 0.0)
+
+
+def _bernoulli_weights(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """m / p with m ~ Bernoulli(p) elementwise (0 where dropped)."""
+    kept = rnd.bernoulli_mask(p.shape, p, gen, p.device)
+    return torch.where(kept, p.reciprocal(), 0.0)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, else the dtype itself (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def unit_weights(
+    n: int, scores: torch.Tensor | None, cfg: SparseVJP, gen: torch.Generator, device
+) -> torch.Tensor:
+    """Diagonal of S over n units: m_i / p_i, with p_i = q (uniform) or minimal variance for
+    the magnitudes ``scores`` (optimal)."""
+    if cfg.sketch == "uniform":
+        return rnd.bernoulli_mask((n,), cfg.density, gen, device).float() / cfg.density
+    p = minimal_variance_probabilities(scores.unsqueeze(0), cfg.density * n)[0]
+    return _bernoulli_weights(p, gen)
+
+
+def frame(n: int, cfg: SparseVJP, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """n x k matrix F with E[F F^T] = I, k = ceil(q n): sqrt(n/k) Q (Q Haar orthonormal, for
+    lowrank) or R / sqrt(k) (R standard Gaussian)."""
+    k = rnd.kept_count(n, cfg.density)
+    if cfg.sketch == "gaussian":
+        return rnd.projection(n, k, gen, like.device, like.dtype, kind="gaussian")
+    q, r = torch.linalg.qr(rnd.gaussian((n, k), gen, like.device, _work_dtype(like.dtype)))
+    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+    return (q * math.sqrt(n / k)).to(like.dtype)
+
+
+def _kept(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = weights.nonzero().flatten()
+    return idx, weights[idx]
+
+
+def _norms_except(g: torch.Tensor, dim: int) -> torch.Tensor:
+    return g.movedim(dim, 0).reshape(g.shape[dim], -1).to(_work_dtype(g.dtype)).norm(dim=1)
+
+
+def sketch(g: torch.Tensor, cfg: SparseVJP, seed: int, channel_dim: int = -1) -> torch.Tensor:
+    """S g for the sketch of ``cfg`` drawn from ``seed`` (dense result, same shape as ``g``).
+
+    Rows are dim 0 of ``g``, columns ``channel_dim``.
+    """
+    gen = rnd.generator(seed, g.device)
+    if cfg.structure == "element":
+        if cfg.sketch == "uniform":
+            mask = rnd.bernoulli_mask(g.shape, cfg.density, gen, g.device)
+            return g * mask / cfg.density
+        rows = g.reshape(g.shape[0], -1) if cfg.budget == "row" else g.reshape(1, -1)
+        a = rows.abs().to(_work_dtype(g.dtype))
+        p = minimal_variance_probabilities(a, cfg.density * a.shape[-1])
+        return g * _bernoulli_weights(p, gen).to(g.dtype).view_as(g)
+    dim = 0 if cfg.structure == "row" else channel_dim % g.dim()
+    n = g.shape[dim]
+    if cfg.sketch in PROJECTIONS:
+        f = frame(n, cfg, gen, g)
+        return ((g.movedim(dim, -1) @ f) @ f.T).movedim(-1, dim)
+    scores = None if cfg.sketch == "uniform" else _norms_except(g, dim)
+    shape = [1] * g.dim()
+    shape[dim] = n
+    return g * unit_weights(n, scores, cfg, gen, g.device).to(g.dtype).view(shape)
+
+
+def _as_config(cfg: SparseVJP | str) -> SparseVJP:
+    from randprop.config import parse_method
+
+    cfg = parse_method(cfg)
+    if not isinstance(cfg, SparseVJP):
+        raise TypeError(f"cfg must be a SparseVJP config; got {type(cfg).__name__}")
+    return cfg
+
+
+class _SketchFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cfg: SparseVJP, seed: int, channel_dim: int):
+        ctx.cfg, ctx.seed, ctx.channel_dim = cfg, seed, channel_dim
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return sketch(grad, ctx.cfg, ctx.seed, ctx.channel_dim), None, None, None
+
+
+def sparse_vjp(
+    x: torch.Tensor, cfg: SparseVJP | str, seed: int, channel_dim: int = -1
+) -> torch.Tensor:
+    """Identity in forward; backward applies the unbiased sketch S of ``cfg`` (seeded by
+    ``seed``) to the incoming gradient. Rows are dim 0, columns ``channel_dim``."""
+    return _SketchFn.apply(x, _as_config(cfg), seed, channel_dim)
+
+
+def _row_pattern(cfg: SparseVJP) -> bool:
+    """Row sketches whose pattern does not depend on the gradient, so forward can draw it."""
+    return cfg.structure == "row" and cfg.sketch != "optimal"
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.index_select(0, idx)
+
+
+def _project_rows(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """F^T x over dim 0: (n x k), (n, ...) -> (k, ...)."""
+    return (f.T @ x.reshape(x.shape[0], -1)).view(f.shape[1], *x.shape[1:])
+
+
+def _lift_rows(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """F y over dim 0: (n x k), (k, ...) -> (n, ...)."""
+    return (f @ y.reshape(y.shape[0], -1)).view(f.shape[0], *y.shape[1:])
+
+
+def _stored_input(x: torch.Tensor, cfg: SparseVJP, seed: int) -> torch.Tensor:
+    """What a fused layer keeps of its input: the kept rows, P^T X, or all of X."""
+    if not _row_pattern(cfg):
+        return x
+    gen = rnd.generator(seed, x.device)
+    if cfg.sketch == "uniform":
+        return _rows(x, _kept(unit_weights(x.shape[0], None, cfg, gen, x.device))[0])
+    return _project_rows(frame(x.shape[0], cfg, gen, x), x)
+
+
+# --- Linear ---------------------------------------------------------------------------------
+
+
+class _VJPLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg: SparseVJP, seed: int):
+        out = F.linear(x, weight, bias)
+        stored = _stored_input(x, cfg, seed) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(stored, weight)
+        ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        stored, weight = ctx.saved_tensors
+        cfg, seed = ctx.cfg, ctx.seed
+        need_x, need_w = ctx.needs_input_grad[:2]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        n_out, n_in = weight.shape
+        gen = rnd.generator(seed, grad.device)
+        grad_x = grad_w = grad_b = None
+        if cfg.structure == "element":
+            g = sketch(grad, cfg, seed)
+            x = stored
+        elif cfg.structure == "row" and cfg.sketch in PROJECTIONS:
+            f = frame(grad.shape[0], cfg, gen, grad)
+            gp = _project_rows(f, grad)  # F^T G: (k, ..., out); S G = F gp
+            if need_x:
+                grad_x = _lift_rows(f, gp @ weight)
+            if need_w:
+                grad_w = gp.reshape(-1, n_out).T @ stored.reshape(-1, n_in)
+            if need_b:
+                grad_b = (f.sum(0) @ gp.reshape(f.shape[1], -1)).view(-1, n_out).sum(0)
+            return grad_x, grad_w, grad_b, None, None
+        elif cfg.structure == "row":
+            scores = None if cfg.sketch == "uniform" else _norms_except(grad, 0)
+            idx, scale = _kept(unit_weights(grad.shape[0], scores, cfg, gen, grad.device))
+            g = _rows(grad, idx) * scale.to(grad.dtype).view(-1, *[1] * (grad.dim() - 1))
+            x = stored if cfg.sketch == "uniform" or stored is None else _rows(stored, idx)
+            if need_x:
+                grad_x = grad.new_zeros(ctx.x_shape).index_copy_(0, idx, g @ weight)
+            need_x = False
+        elif cfg.sketch in PROJECTIONS:  # columns: S = F F^T over output features
+            f = frame(n_out, cfg, gen, grad)
+            gp = grad @ f
+            if need_x:
+                grad_x = gp @ (f.T @ weight)
+            if need_w:
+                grad_w = f @ (gp.reshape(-1, f.shape[1]).T @ stored.reshape(-1, n_in))
+            if need_b:
+                grad_b = f @ gp.reshape(-1, f.shape[1]).sum(0)
+            return grad_x, grad_w, grad_b, None, None
+        else:  # columns, diagonal: only the kept output features
+            scores = None if cfg.sketch == "uniform" else _norms_except(grad, grad.dim() - 1)
+            idx, scale = _kept(unit_weights(n_out, scores, cfg, gen, grad.device))
+            g = grad.index_select(-1, idx) * scale.to(grad.dtype)
+            g2 = g.flatten(0, -2)
+            if need_x:
+                grad_x = g @ weight.index_select(0, idx)
+            if need_w:
+                grad_w = weight.new_zeros(weight.shape).index_copy_(
+                    0, idx, g2.T @ stored.reshape(-1, n_in)
+                )
+            if need_b:
+                grad_b = grad.new_zeros(n_out).index_copy_(0, idx, g2.sum(0))
+            return grad_x, grad_w, grad_b, None, None
+        g2 = g.reshape(-1, n_out)
+        if need_x:
+            grad_x = g @ weight
+        if need_w:
+            grad_w = g2.T @ x.reshape(-1, n_in)
+        if need_b:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def vjp_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: SparseVJP | str,
+    seed: int,
+) -> torch.Tensor:
+    """F.linear whose output gradient is sketched (``sparse_vjp``) before its own backward,
+    which then runs only on the kept rows / columns. Rows are dim 0 of ``x``."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    if x.dim() == 1:
+        return _VJPLinearFn.apply(x.unsqueeze(0), weight, bias, _as_config(cfg), seed)[0]
+    return _VJPLinearFn.apply(x, weight, bias, _as_config(cfg), seed)
+
+
+class VJPLinear(RandomizedLayer, nn.Linear):
+    """nn.Linear whose output gradient passes through an unbiased SparseVJP sketch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return vjp_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed())
+
+
+# --- Conv -----------------------------------------------------------------------------------
+
+
+def _conv_backward(grad, x, x_shape, weight, bias_shape, conv, mask):
+    """aten.convolution_backward; when x is None only its shape is used (no weight grad)."""
+    stride, padding, dilation, zeros, groups = conv
+    if x is None:
+        x = grad.new_zeros(()).expand(x_shape)
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, bias_shape, stride, padding, dilation, False, zeros, groups, mask
+    )
+
+
+class _VJPConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg: SparseVJP, seed: int, stride, padding, dilation, groups):
+        zeros = [0] * (x.dim() - 2)
+        out = torch.ops.aten.convolution(
+            x, weight, bias, stride, padding, dilation, False, zeros, groups
+        )
+        stored = _stored_input(x, cfg, seed) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(stored, weight)
+        ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
+        ctx.conv = (stride, padding, dilation, zeros, groups)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        stored, weight = ctx.saved_tensors
+        cfg, seed, conv, x_shape = ctx.cfg, ctx.seed, ctx.conv, ctx.x_shape
+        need_x, need_w = ctx.needs_input_grad[:2]
+        need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
+        gen = rnd.generator(seed, grad.device)
+        rest = (None,) * 7
+        if cfg.structure == "element" or (cfg.structure == "column" and conv[4] != 1):
+            g = sketch(grad, cfg, seed, channel_dim=1)
+            out = _conv_backward(
+                g, stored, x_shape, weight, ctx.bias_shape, conv, [need_x, need_w, need_b]
+            )
+            return (*out, *rest)
+        if cfg.structure == "row" and cfg.sketch in PROJECTIONS:
+            f = frame(grad.shape[0], cfg, gen, grad)
+            gp = _project_rows(f, grad)
+            k_shape = (f.shape[1], *x_shape[1:])
+            gx, gw, _ = _conv_backward(
+                gp, stored, k_shape, weight, None, conv, [need_x, need_w, False]
+            )
+            gb = None
+            if need_b:
+                gb = (f.sum(0) @ gp.reshape(f.shape[1], -1)).view(gp.shape[1], -1).sum(1)
+            return (None if gx is None else _lift_rows(f, gx), gw, gb, *rest)
+        if cfg.structure == "row":
+            scores = None if cfg.sketch == "uniform" else _norms_except(grad, 0)
+            idx, scale = _kept(unit_weights(grad.shape[0], scores, cfg, gen, grad.device))
+            if idx.numel() == 0:
+                return (
+                    grad.new_zeros(x_shape) if need_x else None,
+                    torch.zeros_like(weight) if need_w else None,
+                    grad.new_zeros(ctx.bias_shape) if need_b else None,
+                    *rest,
+                )
+            g = _rows(grad, idx) * scale.to(grad.dtype).view(-1, *[1] * (grad.dim() - 1))
+            x = stored if cfg.sketch == "uniform" or stored is None else _rows(stored, idx)
+            gx, gw, gb = _conv_backward(
+                g,
+                x,
+                (idx.numel(), *x_shape[1:]),
+                weight,
+                ctx.bias_shape,
+                conv,
+                [need_x, need_w, need_b],
+            )
+            if gx is not None:
+                gx = grad.new_zeros(x_shape).index_copy_(0, idx, gx)
+            return (gx, gw, gb, *rest)
+        n_out = weight.shape[0]
+        if cfg.sketch in PROJECTIONS:  # columns (channels), S = F F^T
+            f = frame(n_out, cfg, gen, grad)
+            gp = (grad.movedim(1, -1) @ f).movedim(-1, 1)
+            wp = (f.T @ weight.reshape(n_out, -1)).view(f.shape[1], *weight.shape[1:])
+            bias_k = None if not need_b else [f.shape[1]]
+            gx, gw, gb = _conv_backward(
+                gp, stored, x_shape, wp, bias_k, conv, [need_x, need_w, need_b]
+            )
+            if gw is not None:
+                gw = (f @ gw.reshape(f.shape[1], -1)).view_as(weight)
+            return (gx, gw, None if gb is None else f @ gb, *rest)
+        scores = None if cfg.sketch == "uniform" else _norms_except(grad, 1)
+        idx, scale = _kept(unit_weights(n_out, scores, cfg, gen, grad.device))
+        if idx.numel() == 0:
+            return (
+                grad.new_zeros(x_shape) if need_x else None,
+                torch.zeros_like(weight) if need_w else None,
+                grad.new_zeros(ctx.bias_shape) if need_b else None,
+                *rest,
+            )
+        g = grad.index_select(1, idx) * scale.to(grad.dtype).view(-1, *[1] * (grad.dim() - 2))
+        gx, gw, gb = _conv_backward(
+            g,
+            stored,
+            x_shape,
+            weight.index_select(0, idx),
+            None if not need_b else [idx.numel()],
+            conv,
+            [need_x, need_w, need_b],
+        )
+        if gw is not None:
+            gw = torch.zeros_like(weight).index_copy_(0, idx, gw)
+        if gb is not None:
+            gb = grad.new_zeros(n_out).index_copy_(0, idx, gb)
+        return (gx, gw, gb, *rest)
+
+
+def vjp_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: SparseVJP | str,
+    seed: int,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """Convolution (1d/2d/3d by the rank of ``x``) whose output gradient is sketched before its
+    own backward. Rows are examples, columns output channels (channel structure needs groups=1
+    for the smaller GEMMs; with groups > 1 the sketch is applied densely)."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    return _VJPConvFn.apply(
+        x, weight, bias, _as_config(cfg), seed, list(stride), list(padding), list(dilation), groups
+    )
+
+
+class _VJPConvNd(RandomizedLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == self.weight.dim() - 1
+        x, padding = explicit_padding(self, x.unsqueeze(0) if unbatched else x)
+        out = vjp_conv(
+            x,
+            self.weight,
+            self.bias,
+            self.rp_method,
+            self.rp_next_seed(),
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+        )
+        return out.squeeze(0) if unbatched else out
+
+
+class VJPConv1d(_VJPConvNd, nn.Conv1d):
+    """nn.Conv1d whose output gradient passes through an unbiased SparseVJP sketch."""
+
+
+class VJPConv2d(_VJPConvNd, nn.Conv2d):
+    """nn.Conv2d whose output gradient passes through an unbiased SparseVJP sketch."""
+
+
+class VJPConv3d(_VJPConvNd, nn.Conv3d):
+    """nn.Conv3d whose output gradient passes through an unbiased SparseVJP sketch."""
+
+
+_LAYERS = {
+    nn.Linear: VJPLinear,
+    nn.Conv1d: VJPConv1d,
+    nn.Conv2d: VJPConv2d,
+    nn.Conv3d: VJPConv3d,
+}
