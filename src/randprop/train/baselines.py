@@ -1,0 +1,213 @@
+"""Installing a method on a model, and the baselines a user would otherwise pick.
+
+- a per-layer method: ``convert`` then plain backprop;
+- a learning rule from ``LEARNING_RULES``;
+- activation checkpointing: ``torch.utils.checkpoint`` (non-reentrant) per block. A block is an
+  element of the model's ``blocks`` / ``layers`` list; for an ``nn.Sequential`` stack, a weight
+  layer with the parameter-free layers after it, grouped into ``segments`` consecutive runs
+  (default ceil(sqrt(#blocks)), Chen et al. 2016: checkpointing every single layer of a plain
+  stack would save nothing, since a layer's input is the previous layer's saved output);
+- the memory-matched small batch: exact backprop with the largest batch whose *measured* saved
+  bytes do not exceed a method's.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from randprop.config import METHODS, parse_method
+from randprop.convert import convert, load_method_state, method_state
+from randprop.measure.saved import track_saved
+from randprop.train.learning_rules import LEARNING_RULES, Backprop, LearningRule, LossFn
+
+BLOCK_LISTS = ("blocks", "layers", "layer", "h")
+
+
+def _register_rules() -> None:
+    try:
+        import randprop.rules  # noqa: F401 (registers fa, dfa, memdfa)
+    except ImportError:  # a checkout without the rules package still trains per-layer methods
+        pass
+
+
+def method_choices() -> list[str]:
+    _register_rules()
+    return sorted({*METHODS, *LEARNING_RULES, "checkpoint"})
+
+
+def install(model: nn.Module, method: str, loss_fn: LossFn, seed: int) -> LearningRule:
+    """Install ``method`` on ``model`` in place; return the rule that computes gradients."""
+    _register_rules()
+
+    name, _, options = str(method).strip().partition(":")
+    name = name.strip().lower()
+    if name == "checkpoint":
+        install_checkpointing(model, _segments_option(options))
+        return Backprop(model, loss_fn, seed)
+    if name in LEARNING_RULES:
+        if options.strip():
+            raise ValueError(f"learning rule {name!r} takes no options; got {options!r}")
+        return LEARNING_RULES[name](model, loss_fn, seed)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(method_choices())}")
+    convert(model, parse_method(method), seed=seed)
+    return Backprop(model, loss_fn, seed)
+
+
+def _segments_option(options: str) -> int | None:
+    if not options.strip():
+        return None
+    key, _, value = options.partition("=")
+    if key.strip() != "segments" or not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"checkpoint: the only option is segments=<int >= 1>; got {options!r}")
+    return int(value)
+
+
+class _Checkpointed:
+    """Calls ``fn`` through non-reentrant checkpointing. With ``log`` set (a list), each call
+    appends (bytes of its inputs, bytes its recomputation saves for backward)."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.log: list[tuple[int, int]] | None = None
+
+    def __call__(self, *args, **kwargs):
+        if self.log is not None and torch.is_grad_enabled():
+            detached = [a.detach().requires_grad_() if _float(a) else a for a in args]
+            with track_saved() as saved:  # leaf inputs are excluded: counted in in_bytes
+                self.fn(*detached, **kwargs)
+            storages = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for a in args if _float(a)}  # fmt: skip
+            self.log.append((sum(storages.values()), saved.bytes))
+        return checkpoint(self.fn, *args, use_reentrant=False, **kwargs)
+
+
+def _float(a) -> bool:
+    return isinstance(a, torch.Tensor) and a.is_floating_point()
+
+
+def _has_params(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _sequential_blocks(model: nn.Sequential) -> list[list[nn.Module]]:
+    blocks: list[list[nn.Module]] = []
+    for child in model:
+        if not blocks or (_has_params(child) and any(_has_params(m) for m in blocks[-1])):
+            blocks.append([child])
+        else:
+            blocks[-1].append(child)
+    return blocks
+
+
+def install_checkpointing(model: nn.Module, segments: int | None = None) -> list[_Checkpointed]:
+    """Checkpoint ``model`` per block in place (parameters and state_dict keys unchanged)."""
+    units: list[_Checkpointed] = []
+    block_list = next(
+        (getattr(model, n) for n in BLOCK_LISTS if isinstance(getattr(model, n, None), nn.Module)),
+        None,
+    )
+    if isinstance(block_list, (nn.ModuleList, nn.Sequential)) and len(block_list) > 0:
+        for block in block_list:
+            unit = _Checkpointed(block.forward)
+            block.forward = unit
+            units.append(unit)
+    elif isinstance(model, nn.Sequential):
+        blocks = _sequential_blocks(model)
+        n = segments or math.ceil(math.sqrt(len(blocks)))
+        size = math.ceil(len(blocks) / min(n, len(blocks)))
+        for start in range(0, len(blocks), size):
+            layers = [m for block in blocks[start : start + size] for m in block]
+            units.append(_Checkpointed(nn.Sequential(*layers).forward))
+
+        def forward(self, x):
+            for unit in units:
+                x = unit(x)
+            return x
+
+        model.forward = types.MethodType(forward, model)
+    else:
+        raise ValueError(
+            f"checkpoint: cannot find the blocks of {type(model).__name__}; it must be an "
+            f"nn.Sequential or hold its blocks in one of .{', .'.join(BLOCK_LISTS)}"
+        )
+    model.rp_checkpoint_units = units
+    return units
+
+
+def measure_step(model: nn.Module, rule: LearningRule, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes saved for backward by one training step of ``rule``, leaving the model as it was.
+
+    Gradients are cleared and the method's step counters and the global RNG restored afterwards.
+    Checkpointing: backward recomputes block k while the inputs of blocks 0..k are still held,
+    so the peak is max_k (held - sum_{j>k} input_j + recompute_k), with ``held`` what
+    track_saved sees between the passes (block inputs and whatever lies outside the blocks).
+    """
+    state = method_state(model)
+    rng = torch.get_rng_state()
+    units = getattr(model, "rp_checkpoint_units", [])
+    log: list[tuple[int, int]] = []
+    for unit in units:
+        unit.log = log
+    try:
+        with track_saved(model) as saved:
+            rule.backward(x, y)
+    finally:
+        for unit in units:
+            unit.log = None
+        model.zero_grad(set_to_none=True)
+        load_method_state(model, state)
+        torch.set_rng_state(rng)
+    if not log:
+        return saved.bytes
+    later = [sum(inp for inp, _ in log[k + 1 :]) for k in range(len(log))]
+    return max(saved.bytes - later[k] + rec for k, (_, rec) in enumerate(log))
+
+
+def saved_bytes_of(
+    build: Callable[[], nn.Module],
+    method: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    seed: int = 0,
+) -> int:
+    """Measured saved bytes of ``method`` on a fresh model from ``build()`` for the batch (x, y)."""
+    model = build()
+    rule = install(model, method, loss_fn, seed)
+    try:
+        return measure_step(model, rule, x, y)
+    finally:
+        rule.remove()
+
+
+def matched_batch(
+    build: Callable[[], nn.Module],
+    method: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    seed: int = 0,
+) -> tuple[int, int]:
+    """(b, budget): the largest b <= len(x) with exact saved bytes at batch b <= ``budget``, the
+    bytes ``method`` saves at batch len(x). Saved bytes grow with the batch: binary search."""
+    budget = saved_bytes_of(build, method, x, y, loss_fn, seed)
+
+    def exact_bytes(b: int) -> int:  # clones: a view would be counted as its whole storage
+        return saved_bytes_of(build, "exact", x[:b].clone(), y[:b].clone(), loss_fn, seed)
+
+    low, high = 1, len(x)
+    if exact_bytes(1) > budget:
+        raise ValueError(f"even batch 1 of exact backprop saves more than {method} ({budget} B)")
+    while low < high:
+        mid = (low + high + 1) // 2
+        if exact_bytes(mid) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low, budget

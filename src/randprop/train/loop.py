@@ -1,0 +1,325 @@
+"""One training loop for every method, learning rule and baseline.
+
+Writes, under ``cfg.out``: metrics.jsonl (one JSON object per log / evaluation), checkpoint.pt
+(atomic; model, optimizer, schedule, RNG and method state) and summary.json. The batch at step t
+is a pure function of (seed, t): epoch e = t // (N // B) uses the permutation drawn from
+derive_seed(seed, DATA, e), so a resumed run sees exactly the batches an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from randprop.convert import load_method_state, method_state
+from randprop.data import Splits, load_dataset
+from randprop.measure.profile import peak_process_bytes
+from randprop.models.registry import MODELS, build_model
+from randprop.random import derive_seed, generator
+from randprop.train.baselines import install, matched_batch, measure_step, saved_bytes_of
+from randprop.train.checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from randprop.train.config import TrainConfig
+
+DATA_STREAM, MODEL_STREAM = 0xDA7A, 0x30DE1  # seed salts of the data order and model init
+RESUME_KEYS = ("model", "data", "method", "match_memory_of", "seed", "batch")
+Callback = Callable[[int, float], None]
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy; sequence outputs (B, T, C) against targets (B, T) are flattened."""
+    if out.dim() == y.dim() + 1 and out.dim() > 2:
+        out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+    return F.cross_entropy(out, y)
+
+
+def build_seeded(name: str, seed: int) -> nn.Module:
+    """``build_model(name)`` initialised from ``seed`` (the global RNG is restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, MODEL_STREAM))
+        return build_model(name)
+
+
+def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the batch at ``step``: reshuffled every epoch, the last partial batch dropped."""
+    per_epoch = max(n // batch, 1)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=generator(derive_seed(seed, DATA_STREAM, epoch)))
+    return perm[i * batch : (i + 1) * batch]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, batch: int, device: torch.device) -> dict[str, float]:
+    """Mean loss and accuracy over a dataset; the method's random streams are left untouched."""
+    x_all, y_all = data.tensors
+    if len(x_all) == 0:
+        return {"loss": math.nan, "accuracy": math.nan}
+    state, was_training = method_state(model), model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for start in range(0, len(x_all), batch):
+        x, y = x_all[start : start + batch].to(device), y_all[start : start + batch].to(device)
+        out = model(x)
+        loss_sum += float(loss_fn(out, y)) * y.numel()
+        correct += int((out.argmax(-1) == y).sum())
+        count += y.numel()
+    model.train(was_training)
+    load_method_state(model, state)
+    return {"loss": loss_sum / count, "accuracy": correct / count}
+
+
+def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    if cfg.schedule == "cosine":
+        return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, cfg.steps) / cfg.steps))
+    if cfg.schedule == "linear":
+        return lambda t: max(0.0, 1 - t / cfg.steps)
+    return lambda t: 1.0
+
+
+def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@contextmanager
+def _deferred_sigint():
+    """Ctrl-C sets a flag read between steps (a second Ctrl-C interrupts at once)."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after ``step`` (by a run interrupted after its last checkpoint)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def train(
+    cfg: TrainConfig, *, splits: Splits | None = None, callback: Callback | None = None
+) -> dict:
+    """Train ``cfg.model`` on ``cfg.data`` with ``cfg.method``; return the summary dict.
+
+    splits: preloaded data (else ``load_dataset(cfg.data, ...)``). callback(step, loss) runs
+    after every completed step; a KeyboardInterrupt from it (or Ctrl-C) saves a checkpoint.
+    """
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, splits, callback)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -> dict:
+    start_time = time.perf_counter()
+    if cfg.model not in MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}; choose from {', '.join(sorted(MODELS))}")
+    splits = splits or load_dataset(
+        cfg.data, root=cfg.data_root, seed=cfg.seed, val_fraction=cfg.val_fraction
+    )
+    if tuple(MODELS[cfg.model].input_shape) != tuple(splits.input_shape):
+        raise ValueError(
+            f"model {cfg.model!r} takes examples of shape {MODELS[cfg.model].input_shape}; "
+            f"dataset {cfg.data!r} has {splits.input_shape}"
+        )
+    device = torch.device(cfg.device)
+    out = Path(cfg.out) if cfg.out else None
+    x_train, y_train = splits.train.tensors
+    first = torch.arange(min(cfg.batch, len(x_train)))  # index copies, not views of x_train
+
+    def build() -> nn.Module:
+        return build_seeded(cfg.model, cfg.seed).to(device)
+
+    batch, method, budget = cfg.batch, cfg.method, None
+    if cfg.match_memory_of:
+        xb, yb = x_train[first].to(device), y_train[first].to(device)
+        batch, budget = matched_batch(build, cfg.match_memory_of, xb, yb, loss_fn, cfg.seed)
+        method = "exact"
+    if batch > len(x_train):
+        raise ValueError(f"batch {batch} exceeds the {len(x_train)} training examples")
+
+    model = build()
+    rule = install(model, method, loss_fn, cfg.seed)
+    optimizer = _optimizer(cfg, model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    metrics_path = out / "metrics.jsonl" if out else None
+    identity = {"model": cfg.model, "data": cfg.data, "method": cfg.method,
+                "match_memory_of": cfg.match_memory_of, "seed": cfg.seed, "batch": batch}  # fmt: skip
+    step = 0
+    progress_state = {"losses": [], "window": [], "step_times": [], "train_seconds": 0.0}
+
+    if cfg.resume:
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        ckpt_id = ckpt["identity"]
+        changed = [k for k in RESUME_KEYS if ckpt_id.get(k) != identity[k]]
+        if changed:
+            raise ValueError(
+                f"cannot resume: {', '.join(changed)} differ from the checkpoint's "
+                f"({', '.join(f'{k}={ckpt_id[k]!r}' for k in changed)})"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        load_method_state(model, ckpt["method_state"])
+        if ckpt.get("rule") is not None and hasattr(rule, "load_state_dict"):
+            rule.load_state_dict(ckpt["rule"])
+        set_rng_state(ckpt["rng"])
+        step, progress_state = ckpt["step"], ckpt["progress"]
+        saved, exact_saved = ckpt["saved_bytes"], ckpt["exact_saved_bytes"]
+        _truncate_metrics(metrics_path, step)
+    else:
+        xb, yb = x_train[first[:batch]].to(device), y_train[first[:batch]].to(device)
+        saved = measure_step(model, rule, xb, yb)
+        exact_saved = saved_bytes_of(build, "exact", xb, yb, loss_fn, cfg.seed)
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            metrics_path.write_text("")
+
+    def write(record: dict) -> None:
+        if metrics_path:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint() -> None:
+        if out:
+            state = {
+                "identity": identity,
+                "config": cfg.to_dict(),
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "method_state": method_state(model),
+                "rule": rule.state_dict() if hasattr(rule, "state_dict") else None,
+                "rng": rng_state(),
+                "progress": progress_state,
+                "saved_bytes": saved,
+                "exact_saved_bytes": exact_saved,
+            }
+            save_checkpoint(out / CHECKPOINT, state)
+
+    def eval_record() -> dict:
+        val = evaluate(model, splits.val, cfg.eval_batch, device)
+        test = evaluate(model, splits.test, cfg.eval_batch, device)
+        record = {"step": step, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                  "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                  "time": progress_state["train_seconds"]}  # fmt: skip
+        write(record)
+        return record
+
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=method, leave=False)
+    in_step = False
+    try:
+        with _deferred_sigint() as sigint:
+            while step < cfg.steps:
+                idx = batch_indices(len(x_train), batch, cfg.seed, step)
+                x, y = x_train[idx].to(device), y_train[idx].to(device)
+                in_step = True
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss = float(rule.backward(x, y).detach())
+                optimizer.step()
+                scheduler.step()
+                seconds = time.perf_counter() - t0
+                step += 1
+                in_step = False
+                progress_state["train_seconds"] += seconds
+                progress_state["step_times"].append(seconds)
+                progress_state["losses"] = [*progress_state["losses"][-49:], loss]
+                window = progress_state["window"]
+                window.append(loss)
+                bar.update(1)
+                if cfg.log_every and step % cfg.log_every == 0:
+                    write({"step": step, "loss": sum(window) / len(window),
+                           "lr": scheduler.get_last_lr()[0],
+                           "time": progress_state["train_seconds"], "saved_bytes": saved})  # fmt: skip
+                    bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
+                    progress_state["window"] = []
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    eval_record()
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpoint()
+                if callback is not None:
+                    callback(step, loss)
+                if sigint["set"]:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        bar.close()
+        if out and not in_step:
+            checkpoint()
+            print(f"\ninterrupted: checkpoint at step {step} in {out / CHECKPOINT}; "
+                  "continue with --resume", file=sys.stderr)  # fmt: skip
+        raise
+    bar.close()
+    checkpoint()
+    final = eval_record()
+    losses = progress_state["losses"]
+    times = sorted(progress_state["step_times"])
+    summary = {
+        "method": cfg.method,
+        "model": cfg.model,
+        "data": cfg.data,
+        "batch": batch,
+        "steps": step,
+        "seed": cfg.seed,
+        "match_memory_of": cfg.match_memory_of,
+        "memory_budget_bytes": budget,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "schedule": cfg.schedule,
+        "test_accuracy": final["test_accuracy"],
+        "test_loss": final["test_loss"],
+        "val_accuracy": final["val_accuracy"],
+        "val_loss": final["val_loss"],
+        "train_loss": sum(losses) / len(losses) if losses else math.nan,
+        "saved_bytes": saved,
+        "exact_saved_bytes": exact_saved,
+        "peak_bytes": peak_process_bytes(device),
+        "seconds_per_step": times[len(times) // 2] if times else math.nan,
+        "threads": torch.get_num_threads(),
+        "train_seconds": progress_state["train_seconds"],
+        "wall_seconds": time.perf_counter() - start_time,
+    }
+    rule.remove()
+    if out:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
