@@ -12,7 +12,7 @@ from randprop import functional, rules
 from randprop.config import METHODS, MethodConfig, parse_method
 from randprop.convert import ConversionReport, convert, load_method_state, method_state, restore
 from randprop.measure import GradientDiagnostics, gradient_diagnostics, track_saved
-from randprop.methods import AOP, CRS, RAD, Exact, SparseVJP, reset_memory
+from randprop.methods import AOP, CRS, RAD, Exact, SparseVJP, Trace, reset_memory
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "GradientDiagnostics",
     "MethodConfig",
     "SparseVJP",
+    "Trace",
     "convert",
     "functional",
     "gradient_diagnostics",

@@ -4,6 +4,7 @@ from randprop.methods.aop import aop_linear
 from randprop.methods.crs import crs_linear
 from randprop.methods.masks import leaky_relu, relu
 from randprop.methods.rad import rad_conv, rad_linear
+from randprop.methods.trace import trace_conv
 from randprop.methods.vjp import sparse_vjp, vjp_conv, vjp_linear
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "rad_linear",
     "relu",
     "sparse_vjp",
+    "trace_conv",
     "vjp_conv",
     "vjp_linear",
 ]

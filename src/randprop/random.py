@@ -110,6 +110,41 @@ def kept_count(n: int, fraction: float) -> int:
     return min(n, max(1, math.ceil(fraction * n - 1e-9)))
 
 
+def orthogonal(
+    shape: tuple[int, int], gen: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``shape`` = (r, n): r rows of norm sqrt(n), orthogonal within blocks of n rows.
+
+    Each block is a Haar-random orthonormal frame (QR of a Gaussian matrix, signs fixed by
+    diag(R)) scaled by sqrt(n), so every row z is uniform on the sphere of radius sqrt(n) and
+    E[z z^T] = I, while rows of one block are exactly orthogonal.
+    """
+    r, n = shape
+    m = min(r, n)
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # QR needs float32+
+    g = torch.randn((-(-r // n), n, m), generator=gen, device=device, dtype=work)
+    q, rr = torch.linalg.qr(g)
+    diag = torch.diagonal(rr, dim1=-2, dim2=-1)
+    q = q * torch.where(diag < 0, -1.0, 1.0).unsqueeze(-2)
+    return (q.transpose(-2, -1).reshape(-1, n)[:r] * math.sqrt(n)).to(dtype)
+
+
+PROBES = ("gaussian", "rademacher", "orthogonal")
+
+
+def probes(
+    kind: str, shape: tuple[int, int], gen: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """(r, n) probe matrix whose rows z satisfy E[z z^T] = I: one of :data:`PROBES`."""
+    if kind == "gaussian":
+        return gaussian(shape, gen, device, dtype)
+    if kind == "rademacher":
+        return rademacher(shape, gen, device, dtype)
+    if kind == "orthogonal":
+        return orthogonal(shape, gen, device, dtype)
+    raise ValueError(f"probe kind must be one of {', '.join(map(repr, PROBES))}; got {kind!r}")
+
+
 def weighted_indices(weights: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """``k`` distinct indices of the 1-D ``weights`` drawn successively without replacement, each
     draw with probability proportional to the weights not yet drawn (Efraimidis-Spirakis keys

@@ -5,6 +5,7 @@ from randprop.methods.aop import AOP, reset_memory
 from randprop.methods.crs import CRS
 from randprop.methods.exact import Exact
 from randprop.methods.rad import RAD
+from randprop.methods.trace import Trace
 from randprop.methods.vjp import SparseVJP
 
-__all__ = ["AOP", "CRS", "Exact", "RAD", "SparseVJP", "reset_memory"]
+__all__ = ["AOP", "CRS", "Exact", "RAD", "SparseVJP", "Trace", "reset_memory"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from randprop.methods.pooling import COMPACT_POOLS
+
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
@@ -75,4 +77,5 @@ class MaskedLeakyReLU(nn.LeakyReLU):
         return leaky_relu(x, self.negative_slope)
 
 
-MASKED = {nn.ReLU: MaskedReLU, nn.LeakyReLU: MaskedLeakyReLU}
+# exact activation layers with compact storage, swapped in by convert under memory-saving methods
+MASKED = {nn.ReLU: MaskedReLU, nn.LeakyReLU: MaskedLeakyReLU, **COMPACT_POOLS}

@@ -9,6 +9,7 @@ from torch import nn
 
 from randprop.models import feedback, feedforward, recurrent
 from randprop.models import rad as rad_models
+from randprop.models import trace as trace_models
 from randprop.models import vision
 
 
@@ -39,6 +40,11 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "rad-cnn-cifar": ModelSpec(
         rad_models.rad_cnn_cifar, (3, 32, 32), "4-conv 16/32/32/32 5x5 net (RAD paper, CIFAR-10)"
+    ),
+    "trace-cnn": ModelSpec(
+        trace_models.trace_cnn,
+        (1, 28, 28),
+        "3 conv 3x3 16/32/32, ReLU + 2x2 max pool each, linear 288-10 (trace paper, MNIST)",
     ),
     "irnn": ModelSpec(
         recurrent.irnn, (28, 28), "IRNN hidden 100 on 28 rows of 28 pixels (RAD paper, seq-MNIST)"

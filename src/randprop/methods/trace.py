@@ -1,0 +1,251 @@
+"""Trace: multi-channel randomized trace estimation for convolutions (Louboutin et al., 2021).
+
+A convolution's weight gradient is dW[o,c,k] = sum_b sum_p D[b,o,p] X[b,c,s*p+d*k] (stride s,
+dilation d, X the zero-padded input). With probes z_1..z_r and E[z z^T] = I,
+X_hat = (1/r) sum_j <z_j, X> z_j has E[X_hat] = X, and dW(X_hat) is unbiased because dW is linear
+in X. Forward and input gradient are exact; forward stores only the projections and the seed.
+
+- channels="multi": z_j spans channels and pixels of one example (n = C * spatial); stores
+  Xbar[b,j] = <z_j, X[b]> (B x r). dW = (1/r) conv_weight_grad(input=Z, grad=Dt) with
+  Dt[j,o,p] = sum_b Xbar[b,j] D[b,o,p]: the r probes are the batch of one weight-gradient call.
+- channels="independent": z_j spans the pixels and is shared by the channels; stores
+  Xbar[b,c,j] = <z_j, X[b,c]> (B x C x r). dW[o,c,k] = (1/r) sum_{j,b} Xbar[b,c,j] G[b,o,j,k] with
+  G[b,o,j,k] = sum_p D[b,o,p] z_j[s*p+d*k], one weight-gradient call with the probes as input
+  channels; or, when cheaper, the contraction over b is done first (see _independent_weight_grad).
+
+Probes live on the unpadded grid: zero padding contributes nothing to <z, X>, and the
+weight-gradient routine pads the probes with zeros itself, so X_hat is exactly zero on the border
+(unbiased, with less variance than probing the padding too). Reflect / replicate / circular padding
+and 'same' are applied to the input first (rad.explicit_padding), so the probes span every value
+the convolution reads. Groups (depthwise included), stride, dilation and bias are passed to the
+same routine as the exact convolution uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from randprop import random as rnd
+from randprop.config import MethodConfig, check_choice, register
+from randprop.methods.base import RandomizedLayer, autocast_inputs
+from randprop.methods.rad import explicit_padding
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Trace(MethodConfig):
+    """Randomized trace estimation of convolution weight gradients.
+
+    probes: number r of probing vectors (stored values per example: r, or C * r).
+    probe: "gaussian", "rademacher" or "orthogonal" (Haar frames, rows orthogonal: less variance).
+    channels: "multi" (probes span channels: B x r stored) or "independent" (per channel).
+    """
+
+    name = "trace"
+    probes: int = 16
+    probe: str = "gaussian"
+    channels: str = "multi"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 1:
+            raise ValueError(f"trace: probes must be a positive integer; got {self.probes!r}")
+        check_choice("trace", "probe", self.probe, rnd.PROBES)
+        check_choice("trace", "channels", self.channels, ("multi", "independent"))
+
+    def layer_class(self, module_type: type) -> type | None:
+        return _LAYERS.get(module_type)
+
+
+def probe_tensor(x_shape: torch.Size, cfg: Trace, seed: int, device, dtype) -> torch.Tensor:
+    """The probes Z for an input of ``x_shape`` (B, C, *S): (r, C, *S) for multi-channel
+    probes, (r, 1, *S) for probes shared by the channels. Regenerated from ``seed``."""
+    c, spatial = x_shape[1], tuple(x_shape[2:])
+    per_probe = (c, *spatial) if cfg.channels == "multi" else (1, *spatial)
+    n = torch.Size(per_probe).numel()
+    gen = rnd.generator(seed, device)
+    return rnd.probes(cfg.probe, (cfg.probes, n), gen, device, dtype).view(cfg.probes, *per_probe)
+
+
+def project(x: torch.Tensor, z: torch.Tensor, cfg: Trace) -> torch.Tensor:
+    """The stored projections: B x r (multi) or B x C x r (independent)."""
+    r = z.shape[0]
+    if cfg.channels == "multi":
+        return x.reshape(x.shape[0], -1) @ z.reshape(r, -1).T
+    return x.reshape(x.shape[0], x.shape[1], -1) @ z.reshape(r, -1).T
+
+
+def _weight_grad(grad: torch.Tensor, inp: torch.Tensor, weight_shape, conv) -> torch.Tensor:
+    """conv_weight_grad: dW[o,c,k] = sum_n sum_p grad[n,o,p] inp[n,c,s*p+d*k] (with groups)."""
+    stride, padding, dilation, zeros, groups = conv
+    dummy = grad.new_zeros(()).expand(weight_shape)
+    return torch.ops.aten.convolution_backward(
+        grad,
+        inp,
+        dummy,
+        None,
+        stride,
+        padding,
+        dilation,
+        False,
+        zeros,
+        groups,
+        [False, True, False],
+    )[1]
+
+
+def multi_weight_grad(grad_out, stored, z, weight_shape, conv) -> torch.Tensor:
+    """(1/r) conv_weight_grad(Z, Dt), Dt[j] = sum_b Xbar[b,j] D[b]."""
+    r, b = z.shape[0], grad_out.shape[0]
+    dt = (stored.T @ grad_out.reshape(b, -1)).view(r, *grad_out.shape[1:])
+    return _weight_grad(dt, z, weight_shape, conv) / r
+
+
+def independent_weight_grad(grad_out, stored, z, weight_shape, conv, path: str | None = None):
+    """(1/r) sum_{j,b} Xbar[b,c,j] sum_p D[b,o,p] z_j[s*p+d*k], restricted to o's group.
+
+    path "probe-input" computes G[b,o,j,k] (probes as the r input channels of one example, the
+    B*O output channels from D) and then contracts b and j: about B*O*r*K*(P + C/groups) flops.
+    path "batch-first" contracts b first, H[j,(c,o),p] = sum_b Xbar[b,c,j] D[b,o,p], then one
+    weight-gradient call with the probes as a batch of r single-channel inputs: about
+    O*(C/groups)*r*P*(B + K) flops. None picks the cheaper.
+    """
+    stride, padding, dilation, zeros, groups = conv
+    b, o = grad_out.shape[:2]
+    r, c = z.shape[0], stored.shape[1]
+    og, cg = o // groups, c // groups
+    taps = weight_shape[2:]
+    k, p = taps.numel(), grad_out.shape[2:].numel()
+    if path is None:
+        path = "probe-input" if b * (p + cg) < cg * p * (b + k) / k else "batch-first"
+    one = (stride, padding, dilation, zeros, 1)
+    xbar = stored.view(b, groups, cg, r)
+    if path == "probe-input":
+        g = _weight_grad(
+            grad_out.reshape(1, b * o, *grad_out.shape[2:]),
+            z.view(1, r, *z.shape[2:]),
+            (b * o, r, *taps),
+            one,
+        )
+        dw = torch.einsum("bgojk,bgcj->gock", g.view(b, groups, og, r, k), xbar)
+    elif path == "batch-first":
+        d = grad_out.reshape(b, groups, og, p)
+        h = torch.einsum("bgcj,bgop->jgcop", xbar, d).reshape(r, groups * cg * og, -1)
+        g = _weight_grad(h.view(r, -1, *grad_out.shape[2:]), z, (groups * cg * og, 1, *taps), one)
+        dw = g.view(groups, cg, og, k).transpose(1, 2)
+    else:
+        raise ValueError(f"path must be 'probe-input', 'batch-first' or None; got {path!r}")
+    return (dw / r).reshape(weight_shape)
+
+
+def reconstruct(stored: torch.Tensor, z: torch.Tensor, cfg: Trace) -> torch.Tensor:
+    """X_hat = (1/r) sum_j Xbar_j z_j of the input's shape (reference for tests; backward never
+    builds it)."""
+    r = z.shape[0]
+    if cfg.channels == "multi":
+        return (stored @ z.reshape(r, -1)).view(stored.shape[0], *z.shape[1:]) / r
+    x_hat = stored @ z.reshape(r, -1) / r
+    return x_hat.view(*stored.shape[:2], *z.shape[2:])
+
+
+class _TraceConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg: Trace, seed: int, stride, padding, dilation, groups):
+        zeros = [0] * (x.dim() - 2)
+        out = torch.ops.aten.convolution(
+            x, weight, bias, stride, padding, dilation, False, zeros, groups
+        )
+        stored = None
+        if ctx.needs_input_grad[1]:
+            stored = project(x, probe_tensor(x.shape, cfg, seed, x.device, x.dtype), cfg)
+        ctx.save_for_backward(stored, weight)
+        ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
+        ctx.conv = (stride, padding, dilation, zeros, groups)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        stored, weight = ctx.saved_tensors
+        stride, padding, dilation, zeros, groups = ctx.conv
+        need_x, need_w = ctx.needs_input_grad[:2]
+        need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
+        grad_x = grad_w = grad_b = None
+        if need_x or need_b:  # the input gradient reads only the input's shape
+            shape_only = grad_out.new_zeros(()).expand(ctx.x_shape)
+            grad_x, _, grad_b = torch.ops.aten.convolution_backward(
+                grad_out,
+                shape_only,
+                weight,
+                ctx.bias_shape,
+                stride,
+                padding,
+                dilation,
+                False,
+                zeros,
+                groups,
+                [need_x, False, need_b],
+            )
+        if need_w:
+            z = probe_tensor(ctx.x_shape, ctx.cfg, ctx.seed, stored.device, stored.dtype)
+            if ctx.cfg.channels == "multi":
+                grad_w = multi_weight_grad(grad_out, stored, z, weight.shape, ctx.conv)
+            else:
+                grad_w = independent_weight_grad(grad_out, stored, z, weight.shape, ctx.conv)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def trace_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: Trace,
+    seed: int,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """Convolution (1d/2d/3d by the rank of batched ``x``, zero ``padding``) whose weight
+    gradient is a trace estimate with probes drawn from ``seed``."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    return _TraceConvFn.apply(
+        x, weight, bias, cfg, seed, list(stride), list(padding), list(dilation), groups
+    )
+
+
+class _TraceConvNd(RandomizedLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rp_needs_weight_grad():
+            return self._conv_forward(x, self.weight, self.bias)
+        unbatched = x.dim() == self.weight.dim() - 1
+        x, padding = explicit_padding(self, x.unsqueeze(0) if unbatched else x)
+        out = trace_conv(
+            x,
+            self.weight,
+            self.bias,
+            self.rp_method,
+            self.rp_next_seed(),
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+        )
+        return out.squeeze(0) if unbatched else out
+
+
+class TraceConv1d(_TraceConvNd, nn.Conv1d):
+    """nn.Conv1d with trace-estimated weight gradients."""
+
+
+class TraceConv2d(_TraceConvNd, nn.Conv2d):
+    """nn.Conv2d with trace-estimated weight gradients."""
+
+
+class TraceConv3d(_TraceConvNd, nn.Conv3d):
+    """nn.Conv3d with trace-estimated weight gradients."""
+
+
+_LAYERS = {nn.Conv1d: TraceConv1d, nn.Conv2d: TraceConv2d, nn.Conv3d: TraceConv3d}
