@@ -54,7 +54,6 @@ class SparseVJP(MethodConfig):
     """
 
     name = "vjp"
-    saves_memory = False
     density: float = 0.25
     sketch: str = "uniform"
     structure: str = "element"
@@ -86,24 +85,30 @@ METHODS["sparsevjp"] = SparseVJP
 # --- the sketches ---------------------------------------------------------------------------
 
 
-def minimal_variance_probabilities(a: torch.Tensor, budget: float) -> torch.Tensor:
+def minimal_variance_probabilities(a: torch.Tensor, budget: float, iters: int = 40) -> torch.Tensor:
     """p = min(1, lambda a) along the last dim with sum p = min(budget, #nonzero a), a >= 0.
 
-    Vectorised water-filling: sort a descending (s_0 >= s_1 >= ...); with the c largest clipped
-    to 1, lambda_c = (budget - c) / sum_{j>=c} s_j; the solution is the smallest c with
-    lambda_c s_c <= 1. This p minimises sum_i a_i^2 (1/p_i - 1) subject to sum p = budget.
+    This p minimises sum_i a_i^2 (1/p_i - 1) subject to sum p = budget. Vectorised solve:
+    bisection on log lambda (sum_i min(1, lambda a_i) is increasing in lambda) finds the set C
+    of clipped entries, then lambda = (budget - |C|) / sum_{i not in C} a_i exactly.
     """
     n = a.shape[-1]
     if not 0 < budget <= n:
         raise ValueError(f"budget must be in (0, n={n}]; got {budget}")
-    s = a.sort(dim=-1, descending=True).values
-    tail = s.flip(-1).cumsum(-1).flip(-1)
-    c = torch.arange(n, device=a.device, dtype=a.dtype)
-    valid = (budget - c) * s <= tail * (1 + 1e-6)
-    first = valid.to(torch.uint8).argmax(dim=-1, keepdim=True)
-    rest, head = tail.gather(-1, first), budget - first.to(a.dtype)
-    lam = torch.where(rest > 0, head / rest.clamp_min(torch.finfo(a.dtype).tiny), math.inf)
-    return torch.where(a > 0, (lam * a).clamp_max(1.0), 0.0)
+    tiny = torch.finfo(a.dtype).tiny
+    positive = a > 0
+    target = positive.sum(-1, keepdim=True).to(a.dtype).clamp_max(budget)
+    lo = (target / a.sum(-1, keepdim=True).clamp_min(tiny)).clamp_min(tiny).log()
+    hi = -torch.where(positive, a, math.inf).amin(-1, keepdim=True).clamp_min(tiny).log()
+    hi = torch.maximum(hi, lo)  # at lambda = 1 / min a every nonzero entry is clipped
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        over = (mid.exp() * a).clamp_max(1).sum(-1, keepdim=True) > target
+        hi, lo = torch.where(over, mid, hi), torch.where(over, lo, mid)
+    clipped = hi.exp() * a >= 1
+    rest = torch.where(clipped, 0.0, a).sum(-1, keepdim=True)
+    lam = (target - clipped.sum(-1, keepdim=True)) / rest.clamp_min(tiny)
+    return torch.where(clipped, 1.0, (lam * a).clamp_max(1.0))
 
 
 def _bernoulli_weights(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
