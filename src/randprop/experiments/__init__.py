@@ -3,7 +3,10 @@
 Each suite module registers itself with ``randprop.experiments.registry.suite``; import it here.
 """
 
-from randprop.experiments import memory_bench  # noqa: F401
+from randprop.experiments import (
+    memory_bench,  # noqa: F401
+    rad_mnist,  # noqa: F401
+)
 from randprop.experiments.registry import SUITES, get_suite, suite
 
 __all__ = ["SUITES", "get_suite", "suite"]

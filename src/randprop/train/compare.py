@@ -57,10 +57,11 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in curves.items():
+    styles = ("-", "--", "-.", ":")  # runs that coincide (exact, checkpointing) stay visible
+    for i, (label, points) in enumerate(curves.items()):
         steps = [p[0] for p in points]
         acc = [p[1] for p in points]
-        (line,) = ax.plot(steps, acc, marker=".", label=label)
+        (line,) = ax.plot(steps, acc, styles[i % 4], marker=".", label=label)
         if bands and label in bands:
             std = bands[label]
             ax.fill_between(
