@@ -12,6 +12,8 @@ from randprop.methods.pooling import CompactMaxPool2d
 CASES = [
     (nn.MaxPool1d(3, stride=2, padding=1), (2, 3, 11)),
     (nn.MaxPool2d(2), (2, 3, 7, 7)),
+    (nn.MaxPool3d(2), (2, 2, 4, 5, 7)),
+    (nn.MaxPool1d(3), (2, 3, 10)),
     (nn.MaxPool2d(3, stride=2, padding=1, dilation=2, ceil_mode=True), (2, 3, 9, 8)),
     (nn.MaxPool2d((2, 3), stride=(1, 2)), (3, 6, 5)),  # unbatched
     (nn.MaxPool3d((2, 3, 2), stride=(1, 2, 2), padding=(0, 1, 1)), (1, 2, 5, 6, 7)),

@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
+_POOL_BACKWARD = {
+    2: torch.ops.aten.max_pool2d_with_indices_backward,
+    3: torch.ops.aten.max_pool3d_with_indices_backward,
+}
 
 
 def _tuple(value, dims: int) -> tuple[int, ...]:
@@ -26,57 +30,62 @@ def _offset_dtype(window: int) -> torch.dtype:
     return torch.uint8 if window <= 256 else torch.int16 if window <= 32767 else torch.int32
 
 
-def _window_geometry(out_shape, kernel, stride, padding, dilation, device):
-    """Per spatial dim: window starts of the outputs, broadcastable to the output grid."""
-    dims = len(kernel)
-    starts = []
-    for i in range(dims):
-        q = torch.arange(out_shape[i], device=device) * stride[i] - padding[i]
-        starts.append(q.view(*([1] * i), -1, *([1] * (dims - i - 1))))
-    return starts
+def _starts(out_sizes, stride, padding, device) -> list[torch.Tensor]:
+    """Per spatial dim: the first input position of each output's window, broadcastable to the
+    output grid."""
+    dims = len(out_sizes)
+    return [
+        (torch.arange(o, device=device) * s - p).view(-1, *([1] * (dims - i - 1)))
+        for i, (o, s, p) in enumerate(zip(out_sizes, stride, padding, strict=True))
+    ]
+
+
+def _work_dtype(numel: int) -> torch.dtype:
+    """Float arithmetic on indices is exact below 2^23 in float32 (2^52 in float64) and far
+    faster on CPU than integer division."""
+    return torch.float32 if numel < 2**23 else torch.float64
 
 
 class _CompactMaxPool(torch.autograd.Function):
+    """Max pooling over the last 2 or 3 dims; saves the window offset of each maximum."""
+
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
         dims = len(kernel)
         out, idx = _POOL[dims](x, kernel, stride, padding, dilation, ceil_mode, True)
-        in_sizes, out_sizes = x.shape[-dims:], out.shape[-dims:]
-        starts = _window_geometry(out_sizes, kernel, stride, padding, dilation, x.device)
-        local = torch.zeros_like(idx)
-        rest = idx
-        for i in reversed(range(dims)):  # unravel the flat input index, one spatial dim each
-            pos = rest % in_sizes[i]
-            rest = rest // in_sizes[i]
-            k = (pos - starts[i]) // dilation[i]
-            local = local + k * _stride_of(kernel, i)
+        in_sizes = x.shape[-dims:]
+        starts = _starts(out.shape[-dims:], stride, padding, x.device)
+        rest = idx.to(_work_dtype(in_sizes.numel()))
+        local = torch.zeros_like(rest)
+        for i in reversed(range(dims)):  # unravel the flat index: position in dim i ...
+            above = torch.floor(rest / in_sizes[i]) if i else None
+            pos = rest - above * in_sizes[i] if i else rest
+            # ... minus the window start is an exact multiple of the dilation
+            local += (pos - starts[i]) * (math.prod(kernel[i + 1 :]) / dilation[i])
+            rest = above
         ctx.save_for_backward(local.to(_offset_dtype(math.prod(kernel))))
-        ctx.geometry = (x.shape, kernel, stride, padding, dilation)
+        ctx.geometry = (x.shape, kernel, stride, padding, dilation, ceil_mode)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (local,) = ctx.saved_tensors
-        x_shape, kernel, stride, padding, dilation = ctx.geometry
+        x_shape, kernel, stride, padding, dilation, ceil_mode = ctx.geometry
         dims = len(kernel)
         in_sizes = x_shape[-dims:]
-        starts = _window_geometry(
-            grad_out.shape[-dims:], kernel, stride, padding, dilation, grad_out.device
+        starts = _starts(grad_out.shape[-dims:], stride, padding, grad_out.device)
+        rest = local.to(_work_dtype(in_sizes.numel()))
+        idx = torch.zeros_like(rest)
+        for i in reversed(range(dims)):  # the input position of each window's maximum
+            above = torch.floor(rest / kernel[i]) if i else None
+            k = rest - above * kernel[i] if i else rest
+            idx += (starts[i] + k * dilation[i]) * math.prod(in_sizes[i + 1 :])
+            rest = above
+        shape_only = grad_out.new_zeros(()).expand(x_shape)  # read for its shape only
+        grad_x = _POOL_BACKWARD[dims](
+            grad_out, shape_only, kernel, stride, padding, dilation, ceil_mode, idx.long()
         )
-        local = local.long()
-        flat = torch.zeros_like(local)
-        for i in range(dims):
-            k = (local // _stride_of(kernel, i)) % kernel[i]
-            flat = flat * in_sizes[i] + starts[i] + k * dilation[i]
-        planes = x_shape[:-dims].numel()
-        grad_x = grad_out.new_zeros(planes, in_sizes.numel())
-        grad_x.scatter_add_(1, flat.reshape(planes, -1), grad_out.reshape(planes, -1))
-        return grad_x.view(x_shape), None, None, None, None, None
-
-
-def _stride_of(kernel: tuple[int, ...], i: int) -> int:
-    """Row-major stride of kernel dim ``i`` in the flattened window."""
-    return math.prod(kernel[i + 1 :])
+        return grad_x, None, None, None, None, None
 
 
 def compact_max_pool(
@@ -86,8 +95,11 @@ def compact_max_pool(
     per output for backward."""
     dims = len(kernel_size)
     stride = _tuple(stride if stride is not None else kernel_size, dims)
-    args = (_tuple(padding, dims), _tuple(dilation, dims))
-    return _CompactMaxPool.apply(x, tuple(kernel_size), stride, *args, ceil_mode)
+    padding, dilation = _tuple(padding, dims), _tuple(dilation, dims)
+    if dims == 1:  # as a 2d pool over (1, length)
+        args = ((1, *kernel_size), (1, *stride), (0, *padding), (1, *dilation), ceil_mode)
+        return _CompactMaxPool.apply(x.unsqueeze(-2), *args).squeeze(-2)
+    return _CompactMaxPool.apply(x, tuple(kernel_size), stride, padding, dilation, ceil_mode)
 
 
 class _CompactMaxPoolNd:
