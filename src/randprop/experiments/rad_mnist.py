@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from randprop.data import load_dataset
@@ -87,6 +87,11 @@ def mlp_runs(runs: Path, splits, p: dict, chosen: dict) -> dict[str, list[dict]]
     return results
 
 
+def _std(values: list[float]) -> float:
+    """Sample standard deviation (0 for a single value)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def aggregate(label: str, summaries: list[dict]) -> dict:
     accs = [s["test_accuracy"] for s in summaries]
     steps = [pt[0] for pt in summaries[0]["curve"]]
@@ -97,13 +102,13 @@ def aggregate(label: str, summaries: list[dict]) -> dict:
         "batch": summaries[0]["batch"],
         "lr": summaries[0]["lr"],
         "seeds": [s["seed"] for s in summaries],
-        "test_accuracy": statistics.mean(accs),
-        "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "test_accuracy": float(np.mean(accs)),
+        "test_accuracy_std": _std(accs),
         "saved_bytes": summaries[0]["saved_bytes"],
-        "seconds_per_step": statistics.median(s["seconds_per_step"] for s in summaries),
+        "seconds_per_step": float(np.median([s["seconds_per_step"] for s in summaries])),
         "curve_steps": steps,
-        "curve_mean": [statistics.mean(v) for v in by_step],
-        "curve_std": [statistics.stdev(v) if len(v) > 1 else 0.0 for v in by_step],
+        "curve_mean": [float(np.mean(v)) for v in by_step],
+        "curve_std": [_std(v) for v in by_step],
     }
 
 

@@ -1,0 +1,42 @@
+"""The rad-mnist suite's aggregation and verdicts (the training itself is tested in test_train)."""
+
+from __future__ import annotations
+
+import pytest
+
+from randprop.experiments.rad_mnist import aggregate, first_reaching, verdicts
+
+
+def summary(seed: int, curve: list[float], batch: int = 150, saved: int = 100) -> dict:
+    steps = [10 * (i + 1) for i in range(len(curve))]
+    return {"seed": seed, "method": "m", "batch": batch, "lr": 1e-3, "saved_bytes": saved,
+            "seconds_per_step": 0.01 * (seed + 1), "test_accuracy": curve[-1],
+            "curve": list(zip(steps, curve, strict=True))}  # fmt: skip
+
+
+def rows(rad_curves, small_curves) -> dict:
+    out = {
+        "small batch": aggregate(
+            "small batch", [summary(i, c, 18) for i, c in enumerate(small_curves)]
+        )
+    }
+    for label in ("RAD sample", "RAD project"):
+        out[label] = aggregate(label, [summary(i, c) for i, c in enumerate(rad_curves)])
+    return out
+
+
+def test_aggregate_means_and_stds_over_seeds():
+    row = aggregate("x", [summary(0, [0.5, 0.8]), summary(1, [0.7, 0.9])])
+    assert row["curve_mean"] == pytest.approx([0.6, 0.85])
+    assert row["test_accuracy"] == pytest.approx(0.85)
+    assert row["test_accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)
+    assert row["seconds_per_step"] == pytest.approx(0.015)
+    assert first_reaching(row, 0.8) == 20 and first_reaching(row, 0.95) is None
+
+
+def test_verdict_says_which_way_it_came_out():
+    won = verdicts(rows([[0.8, 0.95], [0.82, 0.96]], [[0.6, 0.9], [0.62, 0.91]]))
+    assert all("beat the memory-matched" in v and "did not" not in v for v in won)
+    assert "beyond" in won[0] and "iteration 20" in won[0]
+    lost = verdicts(rows([[0.5, 0.85], [0.52, 0.86]], [[0.6, 0.9], [0.62, 0.91]]))
+    assert all("did not beat" in v and "never reached" in v for v in lost)
