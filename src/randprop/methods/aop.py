@@ -251,8 +251,11 @@ def weight_grad(
         owner.aop_dropped = getattr(owner, "aop_dropped", 0) + rest.numel() - capacity
         rest = rest[scores[rest].topk(capacity, sorted=False).indices]
     kept = rest.numel()
-    mem_x.zero_()[:kept] = a.index_select(0, rest) * scale
-    mem_d.zero_()[:kept] = g.index_select(0, rest) * scale
+    for mem, rows in ((mem_x, a), (mem_d, g)):
+        mem[:kept] = rows.index_select(0, rest)
+        mem[kept:queued].zero_()  # rows past the count stay zero
+        if scale != 1:
+            mem[:kept].mul_(scale)
     owner.aop_memory_count.fill_(kept)
     return grad
 

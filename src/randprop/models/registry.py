@@ -7,10 +7,9 @@ from collections.abc import Callable
 
 from torch import nn
 
-from randprop.models import feedback, feedforward, recurrent
+from randprop.models import feedback, feedforward, linear, recurrent, vision
 from randprop.models import rad as rad_models
 from randprop.models import trace as trace_models
-from randprop.models import vision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +20,9 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
+    "softmax-reg": ModelSpec(
+        linear.softmax_regression, (1, 28, 28), "784-10 softmax regression (Mem-AOP-GD, MNIST)"
+    ),
     "mlp": ModelSpec(
         feedforward.mlp, (1, 28, 28), "784-300-300-300-10 ReLU MLP (RAD paper, MNIST)"
     ),
