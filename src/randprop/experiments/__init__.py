@@ -7,6 +7,8 @@ from randprop.experiments import (
     aop_mnist,  # noqa: F401
     memory_bench,  # noqa: F401
     rad_mnist,  # noqa: F401
+    rad_pde,  # noqa: F401
+    rad_rnn,  # noqa: F401
 )
 from randprop.experiments.registry import SUITES, get_suite, suite
 

@@ -26,14 +26,15 @@ class SequenceClassifier(nn.Module):
         return self.head(out[:, -1].clone())
 
 
-def irnn(hidden: int = 100, classes: int = 10, pixels: bool = False) -> nn.Module:
-    """IRNN (Le et al., 2015): ReLU RNN with W_hh = I, zero biases, W_ih ~ N(0, 0.001^2)."""
+def irnn(hidden: int = 100, classes: int = 10, pixels: bool = False, seed: int = 0) -> nn.Module:
+    """IRNN (Le et al., 2015): ReLU RNN with W_hh = I, zero biases, W_ih ~ N(0, 0.001^2)
+    (drawn from ``seed``); the head has PyTorch's default initialisation."""
     rnn = nn.RNN(1 if pixels else 28, hidden, nonlinearity="relu", batch_first=True)
     with torch.no_grad():
         rnn.weight_hh_l0.copy_(torch.eye(hidden))
         rnn.bias_hh_l0.zero_()
         rnn.bias_ih_l0.zero_()
-        rnn.weight_ih_l0.normal_(0.0, 0.001, generator=torch.Generator().manual_seed(0))
+        rnn.weight_ih_l0.normal_(0.0, 0.001, generator=torch.Generator().manual_seed(seed))
     return SequenceClassifier(rnn, classes)
 
 
