@@ -8,7 +8,7 @@ loss.backward()
 print(report, saved.bytes)
 """
 
-from randprop import functional, rules
+from randprop import functional, pde, rules
 from randprop.config import METHODS, MethodConfig, parse_method
 from randprop.convert import ConversionReport, convert, load_method_state, method_state, restore
 from randprop.measure import GradientDiagnostics, gradient_diagnostics, track_saved
@@ -33,6 +33,7 @@ __all__ = [
     "load_method_state",
     "method_state",
     "parse_method",
+    "pde",
     "reset_memory",
     "restore",
     "rules",

@@ -4,6 +4,7 @@ from randprop.methods.aop import aop_linear
 from randprop.methods.crs import crs_linear
 from randprop.methods.masks import leaky_relu, relu
 from randprop.methods.rad import rad_conv, rad_linear
+from randprop.methods.rad_rnn import rad_lstm, rad_relu_rnn
 from randprop.methods.trace import trace_conv
 from randprop.methods.vjp import sparse_vjp, vjp_conv, vjp_linear
 
@@ -13,6 +14,8 @@ __all__ = [
     "leaky_relu",
     "rad_conv",
     "rad_linear",
+    "rad_lstm",
+    "rad_relu_rnn",
     "relu",
     "sparse_vjp",
     "trace_conv",
