@@ -41,7 +41,7 @@ def test_list_shows_datasets_and_models(capsys):
 
 def test_demo_writes_table_report_and_plot(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "4", "--out", str(out)]) == 0
+    assert main(["demo", "--steps", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "memory vs exact" in printed and "the memory-matched small batch" in printed
     report = (out / "report.md").read_text()
