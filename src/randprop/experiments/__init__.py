@@ -5,6 +5,7 @@ Each suite module registers itself with ``randprop.experiments.registry.suite``;
 
 from randprop.experiments import (
     aop_mnist,  # noqa: F401
+    feedback,  # noqa: F401
     memory_bench,  # noqa: F401
     rad_mnist,  # noqa: F401
     rad_pde,  # noqa: F401
