@@ -173,21 +173,23 @@ class _TraceConvFn(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
         grad_x = grad_w = grad_b = None
-        if need_x or need_b:  # the input gradient reads only the input's shape
+        if need_x:  # the input gradient reads only the input's shape
             shape_only = grad_out.new_zeros(()).expand(ctx.x_shape)
-            grad_x, _, grad_b = torch.ops.aten.convolution_backward(
+            grad_x = torch.ops.aten.convolution_backward(
                 grad_out,
                 shape_only,
                 weight,
-                ctx.bias_shape,
+                None,
                 stride,
                 padding,
                 dilation,
                 False,
                 zeros,
                 groups,
-                [need_x, False, need_b],
-            )
+                [True, False, False],
+            )[0]
+        if need_b:
+            grad_b = grad_out.sum([0, *range(2, grad_out.dim())])
         if need_w:
             z = probe_tensor(ctx.x_shape, ctx.cfg, ctx.seed, stored.device, stored.dtype)
             if ctx.cfg.channels == "multi":
