@@ -224,6 +224,8 @@ def test_queue_overflow_drops_the_lowest_scores():
     scores = (a.norm(dim=1) * g.norm(dim=1)).sort(descending=True).values
     kept = model.aop_memory_x.norm(dim=1) * model.aop_memory_d.norm(dim=1)
     torch.testing.assert_close(kept.sort(descending=True).values, scores[2:8])
+    model.reset_memory()
+    assert not hasattr(model, "aop_dropped") and "aop_memory_x" not in model.state_dict()
 
 
 @pytest.mark.parametrize("memory", ["rows", "queue"])

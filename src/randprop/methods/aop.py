@@ -146,6 +146,7 @@ class LayerState(nn.Module):
         """Forget the state (the buffers are deleted and created afresh on the next forward)."""
         for name in self.rp_buffers:
             self._buffers.pop(name, None)
+        self.__dict__.pop("aop_dropped", None)
 
     def rp_release(self) -> None:
         """Called by rp.restore: a plain layer has no estimator state."""
