@@ -259,3 +259,18 @@ def test_no_scale_bias(cfg):
     se = ratio.std().item() / math.sqrt(len(ratio))
     assert abs(ratio.mean().item() - 1) < 4.5 * se, (ratio.mean().item(), se)
     assert se < 0.01  # the check resolves a 5% scale error
+
+
+def test_trace_cnn_saves_ten_times_less_with_first_conv_exact():
+    """The paper's 3-conv net: r=16 with the first conv exact (ReLU bit masks, 1-byte max-pool
+    offsets) saves at least 10x fewer bytes for backward than exact backprop."""
+    from randprop.measure.profile import converted_copy, saved_for_backward
+    from randprop.models import build_model
+
+    model = build_model("trace-cnn")
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    assert model(x).shape == (16, 10)
+    exact = saved_for_backward(copy.deepcopy(model), x, y).bytes
+    traced = converted_copy(model, {"0": "exact", "*": "trace:probes=16"})
+    assert type(traced[0]) is nn.Conv2d and isinstance(traced[3], T.TraceConv2d)
+    assert exact >= 10 * saved_for_backward(traced, x, y).bytes
