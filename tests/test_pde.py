@@ -1,7 +1,7 @@
 """Reaction-diffusion PDE: analytic decay, exact adjoint gradients, unbiased RAD gradients."""
 
 import math
-from statistics import assert_unbiased
+from stat_checks import assert_unbiased
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 
 import copy
 import itertools
-from statistics import assert_unbiased
+from stat_checks import assert_unbiased
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """RAD through time: exact forward and state gradients, unbiased weight gradients, memory."""
 
 import copy
-from statistics import assert_unbiased
+from stat_checks import assert_unbiased
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ storage, reproducibility."""
 
 import copy
 import math
-from statistics import assert_unbiased, unbiasedness_pvalue
+from stat_checks import assert_unbiased, unbiasedness_pvalue
 
 import pytest
 import torch

@@ -3,7 +3,7 @@ structure, fused layers = sketch + exact backward, stored rows, BagNet / ViT tra
 
 import copy
 import math
-from statistics import assert_unbiased, unbiasedness_pvalue
+from stat_checks import assert_unbiased, unbiasedness_pvalue
 
 import pytest
 import torch
