@@ -1,11 +1,11 @@
 """Reaction-diffusion PDE: analytic decay, exact adjoint gradients, unbiased RAD gradients."""
 
 import math
-from stat_checks import assert_unbiased
 
 import pytest
 import torch
 import torch.nn.functional as F
+from stat_checks import assert_unbiased
 
 import randprop as rp
 from randprop.pde import ControlProblem, ReactionDiffusion, Storage, solve

@@ -1,10 +1,10 @@
 """RAD through time: exact forward and state gradients, unbiased weight gradients, memory."""
 
 import copy
-from stat_checks import assert_unbiased
 
 import pytest
 import torch
+from stat_checks import assert_unbiased
 from torch import nn
 
 import randprop as rp
@@ -187,3 +187,16 @@ def test_irnn_model_initialisation_and_shapes():
     rp.convert(lstm, "rad:keep=0.2")
     assert isinstance(lstm.rnn, RADLSTM)
     assert lstm(torch.randn(2, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("module, shape, state_shapes", CASES, ids=CASE_IDS)
+def test_no_grad_runs_the_plain_layer(module, shape, state_shapes):
+    plain, rad, x, states, upstream = make_case(module, shape, state_shapes, MODES[0])
+    with torch.no_grad():
+        expected = flat(plain(x))
+        assert torch.equal(flat(rad(x)), expected)
+    for p in rad.parameters():
+        p.requires_grad_(False)
+    # PyTorch's own RNN differs by an ulp between grad modes
+    torch.testing.assert_close(flat(rad(x)), expected, rtol=1e-14, atol=1e-15)
+    assert rad.rp_step == 0  # no seed drawn

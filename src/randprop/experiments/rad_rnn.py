@@ -257,7 +257,7 @@ def _run(out: Path, quick: bool, pixels: bool, name: str) -> dict:
         iterations, seeds, every, val_size = (10, (0,), 5, 200) if quick else (400, (0,), 50, 1000)
     else:
         iterations, seeds, every, val_size = (
-            (30, (0,), 10, 200) if quick else (5000, (0, 1, 2), 250, 2000)
+            (30, (0,), 10, 200) if quick else (3000, (0, 1), 250, 2000)
         )
     memory, small = memory_table(splits.train, pixels)
     runs = [

@@ -240,10 +240,19 @@ def _unsupported_rnn(module: nn.RNNBase) -> str | None:
     return None
 
 
+def _plain(layer: nn.Module) -> bool:
+    """True in eval / no_grad or with every weight frozen: then the layer's own PyTorch forward
+    runs, no seed is drawn and nothing random is stored."""
+    trainable = any(p.requires_grad for p in layer.parameters(recurse=False))
+    return not (torch.is_grad_enabled() and trainable)
+
+
 class _RADRNNBase(RandomizedLayer):
     """Shared sequence handling: batch_first, unbatched input, stacked layers."""
 
     def forward(self, input: torch.Tensor, hx=None):
+        if _plain(self):
+            return super().forward(input, hx)
         if isinstance(input, PackedSequence):
             raise TypeError(
                 f"{type(self).__name__} takes a padded tensor; PackedSequence is not supported"
@@ -328,6 +337,8 @@ class RADRNNCell(RandomizedLayer, nn.RNNCell):
         return None
 
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> torch.Tensor:
+        if _plain(self):
+            return super().forward(input, hx)
         unbatched = input.dim() == 1
         x = input.reshape(1, -1, input.shape[-1])
         h0 = None if hx is None else hx.reshape(x.shape[1], -1)
@@ -339,6 +350,8 @@ class RADLSTMCell(RandomizedLayer, nn.LSTMCell):
     """nn.LSTMCell with RAD weight gradients: one step of :class:`RADLSTM`."""
 
     def forward(self, input: torch.Tensor, hx=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if _plain(self):
+            return super().forward(input, hx)
         unbatched = input.dim() == 1
         x = input.reshape(1, -1, input.shape[-1])
         h0, c0 = (None, None) if hx is None else (s.reshape(x.shape[1], -1) for s in hx)
@@ -348,6 +361,4 @@ class RADLSTMCell(RandomizedLayer, nn.LSTMCell):
 
 
 # RAD converts recurrent layers too: register them in its layer map.
-_LAYERS.update(
-    {nn.RNN: RADRNN, nn.LSTM: RADLSTM, nn.RNNCell: RADRNNCell, nn.LSTMCell: RADLSTMCell}
-)
+_LAYERS.update({nn.RNN: RADRNN, nn.LSTM: RADLSTM, nn.RNNCell: RADRNNCell, nn.LSTMCell: RADLSTMCell})
