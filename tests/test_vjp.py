@@ -3,12 +3,12 @@ structure, fused layers = sketch + exact backward, stored rows, BagNet / ViT tra
 
 import copy
 import math
-from stat_checks import assert_unbiased, unbiasedness_pvalue
 
 import pytest
 import torch
 import torch.nn.functional as F
 from scipy import optimize
+from stat_checks import assert_unbiased, unbiasedness_pvalue
 from torch import nn
 
 import randprop as rp
@@ -333,3 +333,24 @@ def test_models_train_with_sparse_vjp(name, kwargs, cfg):
         logits = model(x)
     assert F.cross_entropy(logits, y).item() < 0.5 * before
     assert (logits.argmax(1) == y).float().mean().item() > 0.6
+
+
+def test_plain_forward_without_grad_and_sketch_for_frozen_weights():
+    layer = nn.Conv2d(2, 3, 3)
+    plain = copy.deepcopy(layer)
+    rp.convert(layer, rp.SparseVJP(density=0.3, structure="row"))
+    x = torch.randn(5, 2, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)
+    assert layer.rp_step == 0
+    layer.requires_grad_(False)  # frozen weights: the input gradient is still sketched
+    seed = layer.rp_next_seed()
+    layer.rp_step -= 1
+    xg = x.clone().requires_grad_()
+    out = layer(xg)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    assert layer.rp_step == 1 and layer.weight.grad is None
+    x2 = x.clone().requires_grad_()
+    want = torch.autograd.grad(plain(x2), x2, sketch(upstream, layer.rp_method, seed))[0]
+    torch.testing.assert_close(xg.grad, want)

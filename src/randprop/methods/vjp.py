@@ -327,10 +327,19 @@ def vjp_linear(
     return _VJPLinearFn.apply(x, weight, bias, _as_config(cfg), seed)
 
 
+def _needs_sketch(layer: nn.Module, x: torch.Tensor) -> bool:
+    """False in eval / no_grad or when nothing upstream wants a gradient: then the plain
+    forward runs and no seed is drawn."""
+    params = (p for p in (layer.weight, layer.bias) if p is not None)
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
 class VJPLinear(RandomizedLayer, nn.Linear):
     """nn.Linear whose output gradient passes through an unbiased SparseVJP sketch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_sketch(self, x):
+            return F.linear(x, self.weight, self.bias)
         return vjp_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed())
 
 
@@ -470,6 +479,8 @@ def vjp_conv(
 
 class _VJPConvNd(RandomizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_sketch(self, x):
+            return self._conv_forward(x, self.weight, self.bias)
         unbatched = x.dim() == self.weight.dim() - 1
         x, padding = explicit_padding(self, x.unsqueeze(0) if unbatched else x)
         out = vjp_conv(
