@@ -24,6 +24,8 @@ same routine as the exact convolution uses.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -32,6 +34,9 @@ from randprop import random as rnd
 from randprop.config import MethodConfig, check_choice, register
 from randprop.methods.base import RandomizedLayer, autocast_inputs
 from randprop.methods.rad import explicit_padding
+
+#: (stride, padding, dilation, output_padding, groups) as aten.convolution takes them
+ConvArgs = tuple[list[int], list[int], list[int], list[int], int]
 
 
 @register
@@ -59,7 +64,9 @@ class Trace(MethodConfig):
         return _LAYERS.get(module_type)
 
 
-def probe_tensor(x_shape: torch.Size, cfg: Trace, seed: int, device, dtype) -> torch.Tensor:
+def probe_tensor(
+    x_shape: torch.Size, cfg: Trace, seed: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """The probes Z for an input of ``x_shape`` (B, C, *S): (r, C, *S) for multi-channel
     probes, (r, 1, *S) for probes shared by the channels. Regenerated from ``seed``."""
     c, spatial = x_shape[1], tuple(x_shape[2:])
@@ -77,7 +84,9 @@ def project(x: torch.Tensor, z: torch.Tensor, cfg: Trace) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1) @ z.reshape(r, -1).T
 
 
-def _weight_grad(grad: torch.Tensor, inp: torch.Tensor, weight_shape, conv) -> torch.Tensor:
+def _weight_grad(
+    grad: torch.Tensor, inp: torch.Tensor, weight_shape: Sequence[int], conv: ConvArgs
+) -> torch.Tensor:
     """conv_weight_grad: dW[o,c,k] = sum_n sum_p grad[n,o,p] inp[n,c,s*p+d*k] (with groups)."""
     stride, padding, dilation, zeros, groups = conv
     dummy = grad.new_zeros(()).expand(weight_shape)
@@ -96,14 +105,27 @@ def _weight_grad(grad: torch.Tensor, inp: torch.Tensor, weight_shape, conv) -> t
     )[1]
 
 
-def multi_weight_grad(grad_out, stored, z, weight_shape, conv) -> torch.Tensor:
+def multi_weight_grad(
+    grad_out: torch.Tensor,
+    stored: torch.Tensor,
+    z: torch.Tensor,
+    weight_shape: Sequence[int],
+    conv: ConvArgs,
+) -> torch.Tensor:
     """(1/r) conv_weight_grad(Z, Dt), Dt[j] = sum_b Xbar[b,j] D[b]."""
     r, b = z.shape[0], grad_out.shape[0]
     dt = (stored.T @ grad_out.reshape(b, -1)).view(r, *grad_out.shape[1:])
     return _weight_grad(dt, z, weight_shape, conv) / r
 
 
-def independent_weight_grad(grad_out, stored, z, weight_shape, conv, path: str | None = None):
+def independent_weight_grad(
+    grad_out: torch.Tensor,
+    stored: torch.Tensor,
+    z: torch.Tensor,
+    weight_shape: Sequence[int],
+    conv: ConvArgs,
+    path: str | None = None,
+) -> torch.Tensor:
     """(1/r) sum_{j,b} Xbar[b,c,j] sum_p D[b,o,p] z_j[s*p+d*k], restricted to o's group.
 
     path "probe-input" computes G[b,o,j,k] (probes as the r input channels of one example, the
@@ -116,8 +138,8 @@ def independent_weight_grad(grad_out, stored, z, weight_shape, conv, path: str |
     b, o = grad_out.shape[:2]
     r, c = z.shape[0], stored.shape[1]
     og, cg = o // groups, c // groups
-    taps = weight_shape[2:]
-    k, p = taps.numel(), grad_out.shape[2:].numel()
+    taps = tuple(weight_shape[2:])
+    k, p = math.prod(taps), grad_out.shape[2:].numel()
     if path is None:
         path = "probe-input" if b * (p + cg) < cg * p * (b + k) / k else "batch-first"
     one = (stride, padding, dilation, zeros, 1)
