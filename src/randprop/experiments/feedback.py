@@ -316,10 +316,10 @@ def plot(depth: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fields = (
-        ("saved_bytes", "peak bytes saved for backward (MiB)", 2**20),
+        ("saved_bytes", "peak saved for backward (MiB)", 2**20),
         (
             "step_peak_increase_bytes",
-            "process peak increase in the step (MiB, pinned mmap threshold)",
+            "step's resident peak increase (MiB)",
             2**20,
         ),
         ("step_seconds", "step time (s)", 1),
