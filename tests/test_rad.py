@@ -2,10 +2,10 @@
 
 import copy
 import itertools
-from stat_checks import assert_unbiased
 
 import pytest
 import torch
+from stat_checks import assert_unbiased
 from torch import nn
 
 import randprop as rp

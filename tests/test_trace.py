@@ -4,10 +4,10 @@ storage, reproducibility."""
 
 import copy
 import math
-from stat_checks import assert_unbiased, unbiasedness_pvalue
 
 import pytest
 import torch
+from stat_checks import assert_unbiased, unbiasedness_pvalue
 from torch import nn
 
 import randprop as rp
