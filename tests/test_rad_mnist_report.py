@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from randprop.experiments.rad_mnist import aggregate, first_reaching, verdicts
+from randprop.experiments.rad_mnist import (
+    aggregate,
+    conv_verdict,
+    first_reaching,
+    headline,
+    verdicts,
+)
 
 
 def summary(seed: int, curve: list[float], batch: int = 150, saved: int = 100) -> dict:
@@ -37,6 +43,24 @@ def test_aggregate_means_and_stds_over_seeds():
 def test_verdict_says_which_way_it_came_out():
     won = verdicts(rows([[0.8, 0.95], [0.82, 0.96]], [[0.6, 0.9], [0.62, 0.91]]))
     assert all("beat the memory-matched" in v and "did not" not in v for v in won)
-    assert "beyond" in won[0] and "iteration 20" in won[0]
+    assert "a clear margin" in won[0] and "iteration 20" in won[0]
+    assert "higher at 2 of 2 evaluations" in won[0]
     lost = verdicts(rows([[0.5, 0.85], [0.52, 0.86]], [[0.6, 0.9], [0.62, 0.91]]))
     assert all("did not beat" in v and "never reached" in v for v in lost)
+
+
+def test_conv_verdict():
+    conv = [
+        {"label": "RAD sample", "test_accuracy": 0.90},
+        {"label": "small batch", "batch": 91, "test_accuracy": 0.95},
+    ]
+    assert "RAD sample did not beat" in conv_verdict(conv)
+    conv[0]["test_accuracy"] = 0.96
+    assert "RAD sample beat" in conv_verdict(conv)
+
+
+def test_headline_answers_for_both_variants():
+    text = headline(rows([[0.8, 0.95], [0.82, 0.96]], [[0.6, 0.9], [0.62, 0.91]]), [])
+    assert text.count(" beat it (a clear margin") == 2
+    text = headline(rows([[0.5, 0.85], [0.52, 0.86]], [[0.6, 0.9], [0.62, 0.91]]), [])
+    assert text.count("did not beat it") == 2
