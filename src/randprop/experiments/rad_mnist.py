@@ -177,7 +177,7 @@ def headline(rows: dict[str, dict], conv: list[dict]) -> str:
             f"{label} {'beat' if gap > 0 else 'did not beat'} it "
             f"({'a clear margin' if abs(gap) > spread else 'within seed noise'} at the end)"
         )
-    text = f"**Answer: on the MLP, {parts[0]}; {parts[1]}.**"
+    text = f"**Did RAD beat the memory-matched small batch? On the MLP, {parts[0]}; {parts[1]}.**"
     if conv:
         rad, sb = (next(r for r in conv if r["label"] == k) for k in ("RAD sample", "small batch"))
         beat = "beat" if rad["test_accuracy"] > sb["test_accuracy"] else "did not beat"
