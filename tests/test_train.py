@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -80,6 +82,27 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, small):
     train(cfg(tmp_path, "cut", resume=True, **kw), splits=small)
     assert_bitwise_equal(params(tmp_path / "whole"), params(tmp_path / "cut"))
     assert losses(tmp_path / "whole") == losses(tmp_path / "cut")
+
+
+def test_ctrl_c_mid_step_finishes_the_step_then_checkpoints(tmp_path, small):
+    calls = []
+
+    @register_rule("test-sigint")
+    class CtrlC(Backprop):
+        def backward(self, x, y):
+            calls.append(1)
+            if len(calls) == 4:  # call 1 measures memory; call 4 is training step 3
+                os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the step
+            return super().backward(x, y)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg(tmp_path, "cut", method="test-sigint", steps=8), splits=small)
+    finally:
+        del LEARNING_RULES["test-sigint"]
+    assert len(calls) == 4  # no step after the interrupted one
+    assert ckpt_io.load_checkpoint(tmp_path / "cut" / ckpt_io.CHECKPOINT)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler removed
 
 
 def test_interrupted_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
