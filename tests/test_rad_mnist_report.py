@@ -6,6 +6,7 @@ import pytest
 
 from randprop.experiments.rad_mnist import (
     aggregate,
+    conv_data,
     conv_verdict,
     first_reaching,
     headline,
@@ -64,3 +65,11 @@ def test_headline_answers_for_both_variants():
     assert text.count(" beat it (a clear margin") == 2
     text = headline(rows([[0.5, 0.85], [0.52, 0.86]], [[0.6, 0.9], [0.62, 0.91]]), [])
     assert text.count("did not beat it") == 2
+
+
+def test_conv_runs_use_cifar10_when_its_files_are_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANDPROP_CIFAR10", str(tmp_path))
+    assert conv_data() == ("mnist", "rad-cnn")
+    for name in ("data_batch_1", "test_batch"):
+        (tmp_path / name).write_bytes(b"")
+    assert conv_data() == ("cifar10", "rad-cnn-cifar")
