@@ -82,7 +82,8 @@ def report(out: Path, rows: list[dict], steps: int) -> None:
             f"{rows[0]['threads']} torch thread(s). "
             "Saved bytes: activation memory held for backward, measured by `rp.track_saved` "
             "(for checkpointing: held block inputs plus the largest recomputed block). Time: "
-            "median seconds per training step.",
+            "median seconds per training step; the runs are sequential, so on a busy machine the "
+            "time ratios carry the load's drift (see the load average above).",
             "",
             table(rows),
             "",
