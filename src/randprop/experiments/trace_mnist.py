@@ -33,7 +33,7 @@ from randprop.train.loop import batch_indices, build_seeded, evaluate
 
 MODEL = "trace-cnn"
 TRAINED_CONVS = ("3", "6")  # conv2 and conv3 of trace-cnn; conv "0" stays exact
-FULL = {"batches": (32, 128, 256), "probes": (2, 16, 64), "examples": 80_000, "draws": 24,
+FULL = {"batches": (32, 128, 256), "probes": (2, 16, 64), "examples": 135_000, "draws": 24,
         "var_probes": (2, 4, 8, 16, 32, 64), "time_repeats": 10}  # fmt: skip
 QUICK = {"batches": (32,), "probes": (2,), "examples": 640, "draws": 3,
          "var_probes": (2, 16), "time_repeats": 2}  # fmt: skip
@@ -327,7 +327,9 @@ def _report(out: Path, results: dict, quick: bool) -> str:
         "",
         "Relative variance = sum of per-element variances / |exact gradient|^2. RAD rows store the "
         "same number of values per example in conv2 as trace does at that r (project: k = r/16 "
-        "projections per channel; sample: keep = r / (16 * 196)).",
+        "projections per channel; sample: keep = r / (16 * 196)); their conv3 column is not "
+        "byte-matched (the same keep gives conv3, 32 x 7 x 7 inputs, other counts; project keeps "
+        "1 projection per channel there at every r).",
         "",
         "| r | method | conv2 stored / example | rel. var conv2 | rel. var conv3 |",
         "|---|---|---|---|---|",
