@@ -140,13 +140,20 @@ def _plots(out: Path, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for run in results["curves"]:
-        style = "--" if run["storage"] == "checkpoint" else "-"
-        ax.semilogy(run["objective"], style, label=run["storage"])
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(11, 4))
+    exact = results["curves"][0]["objective"]
+    for i, run in enumerate(results["curves"]):
+        style = {"ls": "--" if run["storage"] == "checkpoint" else "-", "color": f"C{i}"}
+        ax.semilogy(run["objective"], label=run["storage"], **style)
+        if run["storage"] != "exact":
+            diff = [abs(a - b) / b + 1e-17 for a, b in zip(run["objective"], exact, strict=True)]
+            gap.semilogy(diff, label=run["storage"], **style)
     ax.set(xlabel="Adam iteration", ylabel="objective (relative squared error)")
     ax.set_title(f"Reaction-diffusion control, {results['curve_steps']:,} steps")
+    gap.set(xlabel="Adam iteration", ylabel="|J - J_exact| / J_exact")
+    gap.set_title("Gap to the exact curve")
     ax.legend()
+    gap.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
@@ -255,9 +262,47 @@ def _report(out: Path, r: dict) -> str:
             f"| {run['storage']} | {obj[0]:.3e} | {obj[q // 4]:.3e} | {obj[q // 2]:.3e} "
             f"| {obj[-1]:.3e} | {run['cpu_seconds']:.0f} |"
         )
-    lines += ["", "Plots: curves.png, memory.png, bias_variance.png.", ""]
+    lines += ["", "Plots: curves.png (objective; gap to exact), memory.png, bias_variance.png.", ""]
     lines += r["notes"]
     return "\n".join(lines) + "\n"
+
+
+def _notes(r: dict) -> list[str]:
+    """What the figures say, computed from them."""
+    curves = {run["storage"]: run["objective"] for run in r["curves"]}
+    exact = curves["exact"]
+    gaps = {
+        name: max(abs(a - b) / b for a, b in zip(obj, exact, strict=True))
+        for name, obj in curves.items()
+        if name != "exact"
+    }
+    bv = r["bias_variance"]
+    slope = math.log(bv[-1]["rel_variance"] / bv[0]["rel_variance"]) / math.log(
+        bv[-1]["keep"] / bv[0]["keep"]
+    )
+    draws = bv[0]["draws"]
+    worst_z = max(row["rel_bias"] / row["rel_bias_se"] for row in bv)
+    return [
+        "## Findings",
+        "",
+        f"- Scaled down from the paper (800 Adam iterations): {r['iterations']} iterations at "
+        f"{r['curve_steps']:,} steps per method and {draws} draws per p for the bias / variance "
+        "table, to fit ~15 minutes of CPU.",
+        "- Largest relative gap |J - J_exact| / J_exact between each curve and the exact one "
+        "over all iterations: "
+        + ", ".join(f"{name} {gap:.1e}" for name, gap in gaps.items())
+        + ". Checkpointing computes the exact gradient (gap at rounding level); RAD at every p "
+        "follows the exact optimisation path closely, because its gradient error is tiny here.",
+        f"- The RAD gradient's relative variance grows like p^{slope:.2f} (from "
+        f"{bv[0]['rel_variance']:.1e} at p={bv[0]['keep']:g} to {bv[-1]['rel_variance']:.1e} at "
+        f"p={bv[-1]['keep']:g}): every step draws its own index set, so the errors of "
+        f"{r['steps']:,} independent samples average out in dJ/dk = dt sum_n lambda^(n+1) u^n. "
+        f"The measured bias stays within {worst_z:.2f} standard errors at every p, as an "
+        "unbiased estimator should.",
+        "- Time: the adjoint's cost is the same for all storages; RAD adds drawing and "
+        "gathering the index sets (at p = 1 a full random permutation of each state, hence "
+        "its ~2x), checkpointing one recomputed forward pass.",
+    ]
 
 
 @suite("rad-pde", "reaction-diffusion control: stored bytes, RAD gradient bias/variance, curves")
@@ -281,7 +326,7 @@ def _run(out: Path, quick: bool) -> dict:
     results = {
         "quick": quick,
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}",
         "load": f"{os.getloadavg()[0]:.2f}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "steps": steps,
@@ -296,12 +341,7 @@ def _run(out: Path, quick: bool) -> dict:
     results["curves"] = optimisation_curves(curve_problem, iterations, results["lr"])
     results["wall_seconds"] = time.perf_counter() - began
     results["cpu_seconds"] = time.process_time() - cpu_began
-    results["notes"] = [
-        "Scaled down from the paper (800 Adam iterations): "
-        f"{iterations} iterations at {curve_steps:,} steps per method, 16 draws per p for the "
-        "bias / variance table, to fit ~15 minutes of CPU. Exact and checkpointing compute "
-        "the same gradient, so their curves coincide.",
-    ]
+    results["notes"] = _notes(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plots(out, results)
     (out / "report.md").write_text(_report(out, results))
