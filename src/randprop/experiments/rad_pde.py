@@ -24,7 +24,7 @@ import torch
 from randprop.experiments.registry import suite
 from randprop.measure import track_saved
 from randprop.pde import ControlProblem, ReactionDiffusion, Storage
-from randprop.pde.reaction_diffusion import THETA_TARGET
+from randprop.pde.reaction_diffusion import _CHUNK, THETA_TARGET
 from randprop.random import derive_seed, kept_count
 
 KEEPS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
@@ -65,13 +65,21 @@ def memory_table(problem: ReactionDiffusion) -> list[dict]:
                 "keep": storage.keep if storage.gradient == "rad" else None,
                 "saved_bytes": saved.bytes,
                 "exact_over_saved": exact[0] / saved.bytes,
-                # checkpointing also holds one recomputed segment while its adjoint runs
-                "backward_extra_bytes": segment * state if storage.gradient == "checkpoint" else 0,
+                "backward_extra_bytes": backward_block_bytes(storage, segment, state),
                 "cpu_seconds": seconds,
                 "cpu_over_exact": seconds / exact[1],
             }
         )
     return rows
+
+
+def backward_block_bytes(storage: Storage, segment: int, state: int) -> int:
+    """Working memory of the adjoint (not saved for backward): a block of adjoint states
+    (_CHUNK of them, or one segment when checkpointing) and, when checkpointing, the
+    recomputed states of that segment."""
+    if storage.gradient == "checkpoint":
+        return 2 * segment * state
+    return _CHUNK * state
 
 
 def bias_variance(problem: ReactionDiffusion, draws: int, keeps=KEEPS[1:]) -> list[dict]:
@@ -214,7 +222,7 @@ def _report(out: Path, r: dict) -> str:
         "",
         f"## Stored bytes and gradient time ({r['steps']:,} steps, float64, one gradient)",
         "",
-        "| storage | saved bytes | exact / saved | extra in backward | CPU seconds | / exact |",
+        "| storage | saved bytes | exact / saved | adjoint working memory | CPU seconds | / exact |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -229,8 +237,11 @@ def _report(out: Path, r: dict) -> str:
         f'Claim "at p = 0.01 the PDE stores at most 1/50 of the exact bytes": **{verdict}** '
         f"(exact / RAD p=0.01 = {ratio:.1f}x; ceil(0.01 * 961) = 10 values per state, plus k "
         "and the 7 basis fields saved by theta -> k). Checkpointing saves fewer bytes still at "
-        "this size but recomputes the forward pass and holds a recomputed segment "
-        "(column 'extra in backward').",
+        "this size but recomputes the forward pass. 'Adjoint working memory' is what the "
+        "backward pass allocates while it runs, beside the saved bytes: a block of "
+        f"{_CHUNK} adjoint states (exact, RAD) or one segment of adjoint states plus the "
+        "recomputed states of that segment (checkpointing); RAD's forward pass also fills a "
+        f"block of {_CHUNK} states before sampling from it.",
         "",
         f"## RAD gradient bias and variance at theta = 0 ({r['steps']:,} steps)",
         "",
