@@ -51,3 +51,34 @@ def test_return_indices_falls_back_to_pytorch():
     pool = CompactMaxPool2d(2, return_indices=True)
     out, idx = pool(torch.randn(1, 1, 4, 4))
     assert idx.dtype == torch.int64 and out.shape == (1, 1, 2, 2)
+
+
+AVG_CASES = [
+    (nn.AvgPool1d(3, stride=2, padding=1), (2, 3, 9)),
+    (nn.AvgPool2d(2), (2, 3, 8, 8)),
+    (nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False), (2, 2, 7, 6)),
+    (nn.AvgPool2d(2, divisor_override=3), (1, 2, 4, 4)),
+    (nn.AvgPool3d((1, 2, 2)), (2, 2, 3, 4, 4)),
+]
+
+
+@pytest.mark.parametrize("pool, shape", AVG_CASES)
+def test_shape_only_avg_pool_matches_pytorch_and_stores_nothing(pool, shape):
+    import copy
+
+    import randprop as rp
+
+    compact = copy.deepcopy(pool)
+    report = rp.convert(compact, rp.RAD())
+    assert report.converted == [""]
+    x = torch.randn(shape, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with rp.track_saved() as saved:
+        ya = compact(xa * 1.0)  # a non-leaf input: the stock pool would save it
+    yb = pool(xb)
+    upstream = torch.randn_like(yb)
+    ya.backward(upstream)
+    yb.backward(upstream)
+    assert saved.bytes == 0
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-15, atol=1e-15)

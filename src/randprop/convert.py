@@ -120,7 +120,9 @@ def convert(
             module.rp_step = 0
             layer_index += 1
         report.converted.append(name)
-        report.methods[name] = str(cfg) if isinstance(module, RandomizedLayer) else "1-bit mask"
+        report.methods[name] = (
+            str(cfg) if isinstance(module, RandomizedLayer) else getattr(module, "rp_storage", "")
+        )
     return report
 
 

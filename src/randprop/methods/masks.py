@@ -66,12 +66,16 @@ class MaskedReLU(nn.ReLU):
     """nn.ReLU whose backward uses a packed 1-bit mask (``inplace`` is ignored: the mask is
     what saves memory)."""
 
+    rp_storage = "exact, 1-bit mask"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return relu(x)
 
 
 class MaskedLeakyReLU(nn.LeakyReLU):
     """nn.LeakyReLU whose backward uses a packed 1-bit mask."""
+
+    rp_storage = "exact, 1-bit mask"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return leaky_relu(x, self.negative_slope)

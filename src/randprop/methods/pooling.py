@@ -1,4 +1,5 @@
-"""Max pooling that saves one byte per output for backward (exact).
+"""Pooling with compact storage for backward (exact): max pooling saves one byte per output,
+average pooling saves nothing but the input shape.
 
 PyTorch's max pooling saves its float input and int64 indices (12 bytes per output of a 2x2 pool
 plus 4 per input). Its gradient needs only which window element won: for output q of a window of
@@ -104,6 +105,7 @@ def compact_max_pool(
 
 class _CompactMaxPoolNd:
     _dims: int
+    rp_storage = "exact, 1-byte window offsets"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.return_indices:  # the caller wants int64 indices anyway
@@ -137,8 +139,94 @@ class CompactMaxPool3d(_CompactMaxPoolNd, nn.MaxPool3d):
     _dims = 3
 
 
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
+_AVG_POOL_BACKWARD = {
+    2: torch.ops.aten.avg_pool2d_backward,
+    3: torch.ops.aten.avg_pool3d_backward,
+}
+
+
+class _ShapeOnlyAvgPool(torch.autograd.Function):
+    """Average pooling is linear: its backward needs the input's shape, never its values
+    (PyTorch's own saves the whole float input)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor):
+        ctx.geometry = (x.shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+        return _AVG_POOL[len(kernel)](
+            x, kernel, stride, padding, ceil_mode, count_include_pad, divisor
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor = ctx.geometry
+        shape_only = grad_out.new_zeros(()).expand(x_shape)
+        grad_x = _AVG_POOL_BACKWARD[len(kernel)](
+            grad_out, shape_only, kernel, stride, padding, ceil_mode, count_include_pad, divisor
+        )
+        return grad_x, None, None, None, None, None, None
+
+
+def shape_only_avg_pool(
+    x: torch.Tensor,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> torch.Tensor:
+    """F.avg_pool{1,2,3}d (dimension from ``kernel_size`` length) storing nothing for backward."""
+    dims = len(kernel_size)
+    stride = _tuple(stride if stride else kernel_size, dims)
+    padding = _tuple(padding, dims)
+    if dims == 1:  # as a 2d pool over (1, length)
+        args = ((1, *kernel_size), (1, *stride), (0, *padding), ceil_mode, count_include_pad, None)
+        return _ShapeOnlyAvgPool.apply(x.unsqueeze(-2), *args).squeeze(-2)
+    args = (ceil_mode, count_include_pad, divisor_override)
+    return _ShapeOnlyAvgPool.apply(x, tuple(kernel_size), stride, padding, *args)
+
+
+class _ShapeOnlyAvgPoolNd:
+    _dims: int
+    rp_storage = "exact, input shape only"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self._dims
+        return shape_only_avg_pool(
+            x,
+            _tuple(self.kernel_size, d),
+            _tuple(self.stride if self.stride else self.kernel_size, d),
+            self.padding,
+            self.ceil_mode,
+            self.count_include_pad,
+            getattr(self, "divisor_override", None),
+        )
+
+
+class ShapeOnlyAvgPool1d(_ShapeOnlyAvgPoolNd, nn.AvgPool1d):
+    """nn.AvgPool1d saving nothing for backward."""
+
+    _dims = 1
+
+
+class ShapeOnlyAvgPool2d(_ShapeOnlyAvgPoolNd, nn.AvgPool2d):
+    """nn.AvgPool2d saving nothing for backward."""
+
+    _dims = 2
+
+
+class ShapeOnlyAvgPool3d(_ShapeOnlyAvgPoolNd, nn.AvgPool3d):
+    """nn.AvgPool3d saving nothing for backward."""
+
+    _dims = 3
+
+
 COMPACT_POOLS = {
     nn.MaxPool1d: CompactMaxPool1d,
     nn.MaxPool2d: CompactMaxPool2d,
     nn.MaxPool3d: CompactMaxPool3d,
+    nn.AvgPool1d: ShapeOnlyAvgPool1d,
+    nn.AvgPool2d: ShapeOnlyAvgPool2d,
+    nn.AvgPool3d: ShapeOnlyAvgPool3d,
 }
