@@ -351,6 +351,29 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _verdict(results: dict) -> list[str]:
+    """Plain statements, computed from the numbers, of what the trade-off study showed."""
+    lines = []
+    for study in results["tradeoff"]:
+        runs = [r for r in study["runs"] if r["method"] != "exact"]
+        reached = [r for r in runs if r["relative_cost_to_target"] is not None]
+        cheaper = [r for r in reached if r["relative_cost_to_target"] < 1]
+        best = min(reached, key=lambda r: r["relative_cost_to_target"], default=None)
+        text = f"- {study['model']}: {len(reached)} of {len(runs)} sketched runs reached the target"
+        if best is not None:
+            text += (
+                f"; the cheapest was {best['variant']} at q={best['density']} "
+                f"({best['relative_cost_to_target']:.2f}x exact's cost to target)"
+            )
+        text += (
+            f"; {len(cheaper)} reached it at lower total cost than exact."
+            if cheaper
+            else "; none reached it at lower total cost than exact."
+        )
+        lines.append(text)
+    return lines
+
+
 def _report(results: dict, plots: list[str], quick: bool) -> str:
     claim = next(r for r in results["timing"] if r["method"] == "vjp:density=0.25,structure=row")
     held = claim["backward_ratio"] <= 0.6
@@ -410,6 +433,7 @@ def _report(results: dict, plots: list[str], quick: bool) -> str:
                 f"{_fmt(r['relative_cost_to_target'])} | {r['saved_ratio']:.2f} |"
             )
         lines.append("")
+    lines += ["## Verdict", "", *_verdict(results), ""]
     lines += [f"![{p}]({p})" for p in plots]
     lines += ["", "## Scaling", "", results["scaling"], ""]
     return "\n".join(lines)
@@ -438,10 +462,10 @@ def _run(out: Path, quick: bool) -> dict:
         "timing": timing_table(data["train_x"], data["train_y"], repeats=3 if quick else 15),
     }
     test_size = 500 if quick else 2000
-    results["tradeoff"] = [
-        tradeoff(name, s, test_size, repeats=3 if quick else 10)
-        for name, s in setups(quick).items()
-    ]
+    results["tradeoff"] = []
+    for name, setup in setups(quick).items():
+        results["tradeoff"].append(tradeoff(name, setup, test_size, repeats=3 if quick else 10))
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # partial, as it goes
     results["scaling"] = (
         "Scaled for about 15 minutes on a shared 2-core CPU: an epoch is a pass over a fixed "
         "seeded subset of MNIST's training split (sizes above, not 54,000), test accuracy on the "

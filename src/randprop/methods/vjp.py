@@ -85,7 +85,9 @@ METHODS["sparsevjp"] = SparseVJP
 # --- the sketches ---------------------------------------------------------------------------
 
 
-def minimal_variance_probabilities(a: torch.Tensor, budget: float) -> torch.Tensor:
+def minimal_variance_probabilities(
+    a: torch.Tensor, budget: float, max_steps: int = 64
+) -> torch.Tensor:
     """p = min(1, lambda a) along the last dim with sum p = min(budget, #nonzero a), a >= 0.
 
     This p minimises sum_i a_i^2 (1/p_i - 1) subject to sum p = budget. Vectorised solve by
@@ -93,7 +95,8 @@ def minimal_variance_probabilities(a: torch.Tensor, budget: float) -> torch.Tens
     lambda a_i) - budget from lambda_0 = budget / sum a (where f <= 0): with C the clipped set
     {lambda a >= 1}, lambda <- (budget - |C|) / sum_{i not in C} a_i. Concavity keeps every
     iterate at or below the root, C only grows, and the iteration ends, exact, when C stops
-    changing (a few steps in practice, at most n).
+    changing (a few steps in practice). After ``max_steps`` it stops with sum p <= budget:
+    the sketch stays unbiased, only slightly short of the budget.
     """
     n = a.shape[-1]
     if not 0 < budget <= n:
@@ -102,10 +105,10 @@ def minimal_variance_probabilities(a: torch.Tensor, budget: float) -> torch.Tens
     target = (a > 0).sum(-1, keepdim=True).to(a.dtype).clamp_max(budget)
     lam = target / a.sum(-1, keepdim=True).clamp_min(tiny)
     clipped = lam * a >= 1
-    for _ in range(n):
+    for _ in range(max_steps):
         rest = torch.where(clipped, 0.0, a).sum(-1, keepdim=True)
         lam = (target - clipped.sum(-1, keepdim=True)) / rest.clamp_min(tiny)
-        grown = lam * a >= 1
+        grown = clipped | (lam * a >= 1)  # monotone also under rounding
         if torch.equal(grown, clipped):
             break
         clipped = grown
