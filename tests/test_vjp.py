@@ -90,6 +90,13 @@ def test_minimal_variance_probabilities_budget_above_support():
     assert p.tolist() == [[1.0, 0.0, 1.0, 0.0]]
 
 
+def test_minimal_variance_probabilities_all_clipped_stays_clipped():
+    a = torch.zeros(3, 5000)
+    a[:, :1000] = torch.rand(3, 1000) + 0.5  # fewer nonzeros than the budget
+    p = minimal_variance_probabilities(a, 2500.0, max_steps=8)
+    assert torch.equal(p, (a > 0).float())
+
+
 def variance_of(p: torch.Tensor, a: torch.Tensor) -> float:
     """Total variance sum_i a_i^2 (1/p_i - 1) of a diagonal Bernoulli sketch."""
     kept = p > 0

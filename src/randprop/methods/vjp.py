@@ -102,9 +102,10 @@ def minimal_variance_probabilities(
     if not 0 < budget <= n:
         raise ValueError(f"budget must be in (0, n={n}]; got {budget}")
     tiny = torch.finfo(a.dtype).tiny
-    target = (a > 0).sum(-1, keepdim=True).to(a.dtype).clamp_max(budget)
+    support = (a > 0).sum(-1, keepdim=True).to(a.dtype)
+    target = support.clamp_max(budget)
     lam = target / a.sum(-1, keepdim=True).clamp_min(tiny)
-    clipped = lam * a >= 1
+    clipped = (lam * a >= 1) | ((support <= budget) & (a > 0))  # budget covers the support
     for _ in range(max_steps):
         rest = torch.where(clipped, 0.0, a).sum(-1, keepdim=True)
         lam = (target - clipped.sum(-1, keepdim=True)) / rest.clamp_min(tiny)
