@@ -245,7 +245,8 @@ def tradeoff(name: str, setup: Setup, test_size: int, repeats: int) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         base = setup.build()
-    x, y = data["train_x"][: setup.batch], data["train_y"][: setup.batch]
+    # clone: a view would make track_saved count the whole training tensor's storage
+    x, y = data["train_x"][: setup.batch].clone(), data["train_y"][: setup.batch].clone()
     models = {m: converted(base, m, exact=setup.head) for m in methods}
     times = interleaved_times(models, x, y, repeats)
     exact_step = times["exact"]["forward_s"] + times["exact"]["backward_s"]
@@ -413,7 +414,11 @@ def _report(results: dict, plots: list[str], quick: bool) -> str:
         "test accuracy after a third of the epoch budget, so a run may need up to 3x exact's "
         "epochs. Cost per epoch = measured (forward + backward) time per step / exact's, "
         "interleaved. Relative cost to target = cost per epoch x epochs to target / exact's "
-        "epochs to target (below 1: the sketch reaches the target cheaper than exact).",
+        "epochs to target (below 1: the sketch reaches the target cheaper than exact). "
+        "Sketched models also swap ReLU for exact 1-bit-mask ReLU (what lets dropped rows go "
+        "unstored); its packing is part of their measured cost, exact uses PyTorch's ReLU. "
+        "With independent draws per layer, an example's signal survives m row-sketched layers "
+        "with probability q^m (scaled by q^-m), so row variance grows geometrically with depth.",
         "",
     ]
     for study in results["tradeoff"]:
