@@ -184,3 +184,17 @@ def test_no_grad_forward_draws_no_seed_and_stores_nothing():
         out = layer(x)
     assert layer.rp_step == 0
     torch.testing.assert_close(out, nn.functional.conv2d(x, layer.weight, layer.bias))
+
+
+def test_row_windows_are_uniform_k_subsets():
+    from randprop import random as rnd
+    from randprop.methods.rad import row_windows
+
+    n, k, rows = 9, 3, 6000
+    idx = row_windows(torch.Size((rows, 1, n)), k, rnd.generator(4), torch.device("cpu"))
+    assert idx.shape == (rows, 1, k)
+    assert all(len(set(r.tolist())) == k for r in idx[:200, 0])
+    counts = torch.bincount(idx.flatten(), minlength=n).double()
+    p = k / n  # inclusion probability of every position
+    sd = (rows * p * (1 - p)) ** 0.5
+    assert ((counts - rows * p).abs() / sd).max() < 4.5

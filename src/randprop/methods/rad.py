@@ -7,7 +7,11 @@ conv_weight_grad(X_hat, D) (Conv) is unbiased because it is linear in X_hat.
 X is viewed as (B, G, n): for Linear B = all leading positions, G = 1, n = in_features; for Conv
 B = batch, G = channels, n = spatial positions. With keep fraction p:
 
-- sample: keep each entry with probability p and scale by 1/p (stores ~pBGn values);
+- sample: each row (b, g) keeps k = ceil(p n) of its n entries, scaled by n/k (stores BGk
+  values). The k entries are a cyclic window, at a uniform random shift per row, of one random
+  permutation of the n positions: each row's set is a uniform k-subset, rows are pairwise
+  independent given the permutation (so the variance equals that of independent per-row
+  sampling), and only B*G + n random numbers are drawn instead of B*G*n.
   same_sample: one set of k = ceil(p G n) entries shared by the batch, scaled by Gn/k.
 - project: X_hat = (X R) R^T with R (n x k) Rademacher / sqrt(k), k = ceil(p n), so
   E[R R^T] = I; stores X R (B x G x k). Without same_sample each row also gets its own random
@@ -56,6 +60,15 @@ class RAD(MethodConfig):
 # --- the sketch of X, shape (B, G, n) --------------------------------------------------------
 
 
+def row_windows(shape: torch.Size, k: int, gen: torch.Generator, device) -> torch.Tensor:
+    """(B, G, k) indices: for each row a cyclic window of length k, at a uniform random shift,
+    of one random permutation of range(n) shared by the rows."""
+    b, g, n = shape
+    perm = torch.randperm(n, generator=gen, device=device)
+    shift = torch.randint(0, n, (b, g, 1), generator=gen, device=device)
+    return perm[(shift + torch.arange(k, device=device)) % n]
+
+
 def compress(x: torch.Tensor, cfg: RAD, seed: int) -> torch.Tensor:
     """The values RAD stores for ``x`` of shape (B, G, n)."""
     gen = rnd.generator(seed, x.device)
@@ -64,7 +77,7 @@ def compress(x: torch.Tensor, cfg: RAD, seed: int) -> torch.Tensor:
         if cfg.same_sample:
             idx = rnd.sample_indices(g * n, rnd.kept_count(g * n, cfg.keep), gen, x.device)
             return x.reshape(b, g * n)[:, idx]
-        return x[rnd.bernoulli_mask(x.shape, cfg.keep, gen, x.device)]
+        return x.gather(2, row_windows(x.shape, rnd.kept_count(n, cfg.keep), gen, x.device))
     r = rnd.projection(n, rnd.kept_count(n, cfg.keep), gen, x.device, x.dtype)
     if not cfg.same_sample:
         x = x * rnd.rademacher(x.shape, gen, x.device, x.dtype)
@@ -83,8 +96,8 @@ def decompress(stored: torch.Tensor, shape: torch.Size, cfg: RAD, seed: int) -> 
             idx = rnd.sample_indices(g * n, k, gen, device)
             x_hat.view(b, g * n)[:, idx] = stored * (g * n / k)
         else:
-            mask = rnd.bernoulli_mask(shape, cfg.keep, gen, device)
-            x_hat.masked_scatter_(mask, stored / cfg.keep)
+            k = rnd.kept_count(n, cfg.keep)
+            x_hat.scatter_(2, row_windows(shape, k, gen, device), stored * (n / k))
         return x_hat
     r = rnd.projection(n, rnd.kept_count(n, cfg.keep), gen, device, dtype)
     signs = None if cfg.same_sample else rnd.rademacher(shape, gen, device, dtype)
