@@ -39,7 +39,7 @@ NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 TUNE_SEED = 100  # the learning-rate search uses a seed none of the reported runs use
 
 FULL = {"steps": 4000, "tune_steps": 1000, "seeds": (0, 1, 2), "grid": (5e-4, 1e-3, 2e-3),
-        "conv_steps": 500}  # fmt: skip
+        "conv_steps": 2000}  # fmt: skip
 QUICK = {"steps": 40, "tune_steps": 10, "seeds": (0, 1), "grid": (1e-3, 3e-3), "conv_steps": 3}
 
 
