@@ -12,6 +12,7 @@ from torch import nn
 
 import randprop as rp
 from randprop.methods import trace as T
+from randprop.methods.base import explicit_padding
 
 
 def conv_cases():
@@ -83,7 +84,7 @@ def test_forward_and_exact_parts_match_pytorch(layer, shape, channels):
 
 
 def _padded_input(layer: nn.Module, x: torch.Tensor):
-    return T.explicit_padding(layer, x)
+    return explicit_padding(layer, x)
 
 
 @pytest.mark.parametrize("channels", CHANNELS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from randprop.random import current_rank, derive_seed
@@ -63,3 +64,38 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     if dtype is None:
         return tensors
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def explicit_padding(conv: nn.modules.conv._ConvNd, x: torch.Tensor):
+    """(input, padding) with non-zero padding modes and 'same' applied to the input by F.pad,
+    so that the convolution itself only ever sees symmetric zero padding."""
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return x, (0,) * (x.dim() - 2)
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return x, (0,) * (x.dim() - 2)
+        return F.pad(x, conv._reversed_padding_repeated_twice), (0,) * (x.dim() - 2)
+    return x, conv.padding
+
+
+class RandomizedConvNd(RandomizedLayer):
+    """Forward shared by converted convolutions: the plain convolution when no estimate is
+    needed, else unbatched input and padding modes handled, then the method's functional form
+    ``rp_conv(x, weight, bias, cfg, seed, stride, padding, dilation, groups)``."""
+
+    rp_conv: staticmethod
+
+    def rp_active(self, x: torch.Tensor) -> bool:
+        return self.rp_needs_weight_grad()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rp_active(x):
+            return self._conv_forward(x, self.weight, self.bias)
+        unbatched = x.dim() == self.weight.dim() - 1
+        x, padding = explicit_padding(self, x.unsqueeze(0) if unbatched else x)
+        seed = self.rp_next_seed()
+        conv = type(self).rp_conv
+        out = conv(x, self.weight, self.bias, self.rp_method, seed, self.stride, padding,
+                   self.dilation, self.groups)  # fmt: skip
+        return out.squeeze(0) if unbatched else out

@@ -30,7 +30,7 @@ from torch import nn
 
 from randprop import random as rnd
 from randprop.config import MethodConfig, check_choice, check_fraction, register
-from randprop.methods.base import RandomizedLayer, autocast_inputs
+from randprop.methods.base import RandomizedConvNd, RandomizedLayer, autocast_inputs
 
 
 @register
@@ -236,37 +236,8 @@ def rad_conv(
     )
 
 
-def explicit_padding(conv: nn.modules.conv._ConvNd, x: torch.Tensor):
-    """(input, padding) with non-zero padding modes and 'same' applied to the input by F.pad,
-    so that the convolution itself only ever sees symmetric zero padding."""
-    if conv.padding_mode != "zeros":
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        return x, (0,) * (x.dim() - 2)
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return x, (0,) * (x.dim() - 2)
-        return F.pad(x, conv._reversed_padding_repeated_twice), (0,) * (x.dim() - 2)
-    return x, conv.padding
-
-
-class _RADConvNd(RandomizedLayer):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.rp_needs_weight_grad():
-            return self._conv_forward(x, self.weight, self.bias)
-        unbatched = x.dim() == self.weight.dim() - 1
-        x, padding = explicit_padding(self, x.unsqueeze(0) if unbatched else x)
-        out = rad_conv(
-            x,
-            self.weight,
-            self.bias,
-            self.rp_method,
-            self.rp_next_seed(),
-            self.stride,
-            padding,
-            self.dilation,
-            self.groups,
-        )
-        return out.squeeze(0) if unbatched else out
+class _RADConvNd(RandomizedConvNd):
+    rp_conv = staticmethod(rad_conv)
 
 
 class RADConv1d(_RADConvNd, nn.Conv1d):

@@ -16,7 +16,7 @@ in X. Forward and input gradient are exact; forward stores only the projections 
 Probes live on the unpadded grid: zero padding contributes nothing to <z, X>, and the
 weight-gradient routine pads the probes with zeros itself, so X_hat is exactly zero on the border
 (unbiased, with less variance than probing the padding too). Reflect / replicate / circular padding
-and 'same' are applied to the input first (rad.explicit_padding), so the probes span every value
+and 'same' are applied to the input first (base.explicit_padding), so the probes span every value
 the convolution reads. Groups (depthwise included), stride, dilation and bias are passed to the
 same routine as the exact convolution uses.
 """
@@ -32,8 +32,10 @@ from torch import nn
 
 from randprop import random as rnd
 from randprop.config import MethodConfig, check_choice, register
-from randprop.methods.base import RandomizedLayer, autocast_inputs
-from randprop.methods.rad import explicit_padding
+from randprop.methods.base import (
+    RandomizedConvNd,
+    autocast_inputs,
+)
 
 #: (stride, padding, dilation, output_padding, groups) as aten.convolution takes them
 ConvArgs = tuple[list[int], list[int], list[int], list[int], int]
@@ -240,24 +242,8 @@ def trace_conv(
     )
 
 
-class _TraceConvNd(RandomizedLayer):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.rp_needs_weight_grad():
-            return self._conv_forward(x, self.weight, self.bias)
-        unbatched = x.dim() == self.weight.dim() - 1
-        x, padding = explicit_padding(self, x.unsqueeze(0) if unbatched else x)
-        out = trace_conv(
-            x,
-            self.weight,
-            self.bias,
-            self.rp_method,
-            self.rp_next_seed(),
-            self.stride,
-            padding,
-            self.dilation,
-            self.groups,
-        )
-        return out.squeeze(0) if unbatched else out
+class _TraceConvNd(RandomizedConvNd):
+    rp_conv = staticmethod(trace_conv)
 
 
 class TraceConv1d(_TraceConvNd, nn.Conv1d):

@@ -33,8 +33,7 @@ from torch import nn
 
 from randprop import random as rnd
 from randprop.config import METHODS, MethodConfig, check_choice, check_fraction, register
-from randprop.methods.base import RandomizedLayer, autocast_inputs
-from randprop.methods.rad import explicit_padding
+from randprop.methods.base import RandomizedConvNd, RandomizedLayer, autocast_inputs
 
 SKETCHES = ("uniform", "optimal", "lowrank", "gaussian")
 PROJECTIONS = ("lowrank", "gaussian")
@@ -482,24 +481,11 @@ def vjp_conv(
     )
 
 
-class _VJPConvNd(RandomizedLayer):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _needs_sketch(self, x):
-            return self._conv_forward(x, self.weight, self.bias)
-        unbatched = x.dim() == self.weight.dim() - 1
-        x, padding = explicit_padding(self, x.unsqueeze(0) if unbatched else x)
-        out = vjp_conv(
-            x,
-            self.weight,
-            self.bias,
-            self.rp_method,
-            self.rp_next_seed(),
-            self.stride,
-            padding,
-            self.dilation,
-            self.groups,
-        )
-        return out.squeeze(0) if unbatched else out
+class _VJPConvNd(RandomizedConvNd):
+    rp_conv = staticmethod(vjp_conv)
+
+    def rp_active(self, x: torch.Tensor) -> bool:
+        return _needs_sketch(self, x)
 
 
 class VJPConv1d(_VJPConvNd, nn.Conv1d):
