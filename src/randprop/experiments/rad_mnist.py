@@ -209,6 +209,21 @@ def conv_verdict(conv: list[dict]) -> str:
     )
 
 
+def conv_intro(conv: list[dict], rows: dict) -> str:
+    if not conv:
+        return ""
+    step = conv[0]["seconds_per_step"]
+    return (
+        f"A short run only: one exact training step of this net took {step * 1e3:.0f} ms on one "
+        f"CPU thread here, so the paper's 20,000 iterations would take {step * 20000 / 60:.0f} "
+        "min per run. Its memory figures are exact measurements; the accuracies only show the "
+        "runs train. Under RAD, convert also swaps the two average-pooling layers for exact ones "
+        "that store only their input shape (PyTorch's keep the float input), and the ReLUs for "
+        f"1-bit masks, so the net saves {conv[0]['saved_bytes'] / conv[1]['saved_bytes']:.2f}x "
+        f"(the MLP: {rows['exact']['saved_bytes'] / rows['RAD sample']['saved_bytes']:.1f}x)."
+    )
+
+
 def report(out: Path, p: dict, chosen: dict, rows: dict, conv: list[dict], meta: dict) -> str:
     ordered = with_ratios(list(rows.values()), rows["exact"])
     lines = [
@@ -219,6 +234,7 @@ def report(out: Path, p: dict, chosen: dict, rows: dict, conv: list[dict], meta:
         f"{meta['load_before']:.2f}/{meta['load_after']:.2f}; {meta['minutes']:.1f} min wall, "
         f"{meta['cpu_minutes']:.1f} min CPU.",
         "",
+        *([f"Note: {meta['note']}", ""] if meta.get("note") else []),
         headline(rows, conv),
         "",
         "## Set-up, and what was scaled",
@@ -262,15 +278,7 @@ def report(out: Path, p: dict, chosen: dict, rows: dict, conv: list[dict], meta:
         f"## The paper's 4-conv net on {NAMES[conv[0]['data']] if conv else 'MNIST'} "
         f"({p['conv_steps']} iterations, one seed, lr 1e-3)",
         "",
-        "A short run only: one training step of this net takes about 0.3-0.4 s on one CPU "
-        "thread, so the paper's 20,000 iterations would take about two hours per run. Its "
-        "memory figures are exact measurements; the accuracies only show the runs train. Under "
-        "RAD, convert also swaps the two average-pooling layers for exact ones that store only "
-        "their input shape (PyTorch's keep the float input), and the ReLUs for 1-bit masks, so "
-        f"the net saves {conv[0]['saved_bytes'] / conv[1]['saved_bytes']:.2f}x (the MLP: "
-        f"{rows['exact']['saved_bytes'] / rows['RAD sample']['saved_bytes']:.1f}x)."
-        if conv
-        else "",
+        conv_intro(conv, rows),
         "",
         *(
             [
