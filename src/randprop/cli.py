@@ -29,9 +29,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         from randprop.data import DATASETS
     except ImportError:  # the data layer is optional for listing
         DATASETS = {}
+    from randprop.train.learning_rules import LEARNING_RULES
+
     listing = {
         "methods": {
-            name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in METHODS.items()
+            name: (cls.__doc__ or "").strip().splitlines()[0]
+            for name, cls in METHODS.items()
+            if cls.name == name  # aliases are listed under their main name
+        },
+        "rules": {
+            name: (getattr(f, "__doc__", None) or "").strip().splitlines()[0]
+            for name, f in LEARNING_RULES.items()
         },
         "models": {name: spec.description for name, spec in MODELS.items()},
         "datasets": {name: getattr(d, "description", "") for name, d in DATASETS.items()},

@@ -96,4 +96,5 @@ class DFA:
 
 @register_rule("dfa")
 def dfa_rule(model: nn.Module, loss_fn: LossFn, seed: int = 0) -> DFA:
+    """Direct feedback alignment: the output error reaches every block through fixed random B_l."""
     return DFA(model, loss_fn=loss_fn, seed=seed)

@@ -179,4 +179,5 @@ class FA:
 
 @register_rule("fa")
 def fa_rule(model: nn.Module, loss_fn: LossFn, seed: int = 0) -> FA:
+    """Feedback alignment: fixed random matrices B replace W^T in the backward pass."""
     return FA(model, loss_fn=loss_fn, seed=seed)

@@ -88,4 +88,5 @@ class MemDFA:
 
 @register_rule("memdfa")
 def memdfa_rule(model: nn.Module, loss_fn: LossFn, seed: int = 0) -> MemDFA:
+    """MEM-DFA: DFA in two forward passes, activation memory constant in depth."""
     return MemDFA(model, loss_fn, seed=seed)
