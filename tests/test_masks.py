@@ -47,3 +47,11 @@ def test_masked_relu_works_under_autocast_and_keeps_dtype():
     y = rp.functional.relu(x)
     y.sum().backward()
     assert y.dtype == x.grad.dtype == torch.bfloat16
+
+
+def test_pack_bits_of_an_unaligned_view_and_bit_order():
+    base = torch.zeros(19, dtype=torch.bool)
+    base[[3, 5, 12, 17]] = True
+    view = base[3:]  # storage offset 3
+    assert pack_bits(view).tolist() == [0b0000_0101, 0b0100_0010]
+    assert torch.equal(unpack_bits(pack_bits(view), view.shape), view)

@@ -6,25 +6,38 @@ so one bit per element is all that backward needs instead of a float tensor.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from randprop.methods.pooling import COMPACT_POOLS
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
+_SPREAD = 0x0102040810204080
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean tensor into uint8, 8 elements per byte (little-endian bit order)."""
+    """Pack a boolean tensor into uint8, 8 elements per byte (element i of a group is bit i).
+
+    Each group of 8 bools (bytes 0/1) is read as one little-endian int64 with byte k at bit 8k;
+    multiplying by 0x0102040810204080 moves byte k to bit 56 + k with no carries (all partial
+    products land on distinct bits), so bits 56..63 are the packed byte.
+    """
     flat = mask.reshape(-1)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    bits = flat.view(-1, 8).to(torch.uint8)
-    packed = bits[:, 0].clone()
-    for i in range(1, 8):
-        packed |= bits[:, i] << i
-    return packed
+    groups = flat.view(torch.uint8).view(-1, 8)
+    if groups.storage_offset() % 8:  # an int64 view needs 8-byte alignment
+        groups = groups.clone()
+    if sys.byteorder != "little":
+        packed = groups[:, 0].clone()
+        for i in range(1, 8):
+            packed |= groups[:, i] << i
+        return packed
+    words = groups.view(torch.int64).squeeze(1)
+    return ((words * _SPREAD) >> 56).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -46,9 +59,14 @@ class _MaskedLeakyReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (packed,) = ctx.saved_tensors
-        positive = unpack_bits(packed, ctx.shape)
-        slope = ctx.negative_slope
-        grad = torch.where(positive, grad_out, grad_out * slope if slope else 0.0)
+        # PyTorch's own backward kernels, fed 1.0 / 0.0 for x > 0 / x <= 0: same semantics
+        positive = unpack_bits(packed, ctx.shape).to(grad_out.dtype)
+        if ctx.negative_slope:
+            grad = torch.ops.aten.leaky_relu_backward(
+                grad_out, positive, ctx.negative_slope, False
+            )
+        else:
+            grad = torch.ops.aten.threshold_backward(grad_out, positive, 0)
         return grad, None
 
 
