@@ -66,6 +66,33 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+#: (stride, padding, dilation, output_padding, groups) as aten.convolution takes them
+ConvArgs = tuple[list[int], list[int], list[int], list[int], int]
+
+
+def conv_forward(ctx, x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """The exact convolution (1d/2d/3d by the rank of ``x``); records on ``ctx`` what a converted
+    convolution's backward needs: ctx.conv, ctx.x_shape, ctx.bias_shape."""
+    zeros = [0] * (x.dim() - 2)
+    ctx.conv = (stride, padding, dilation, zeros, groups)
+    ctx.x_shape = x.shape
+    ctx.bias_shape = None if bias is None else list(bias.shape)
+    return torch.ops.aten.convolution(
+        x, weight, bias, stride, padding, dilation, False, zeros, groups
+    )
+
+
+def conv_backward(grad, x, x_shape, weight, bias_shape, conv: ConvArgs, mask):
+    """aten.convolution_backward; when ``x`` is None only its shape is used (the input and bias
+    gradients never read the input's values)."""
+    stride, padding, dilation, zeros, groups = conv
+    if x is None:
+        x = grad.new_zeros(()).expand(x_shape)
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, bias_shape, stride, padding, dilation, False, zeros, groups, mask
+    )
+
+
 def explicit_padding(conv: nn.modules.conv._ConvNd, x: torch.Tensor):
     """(input, padding) with non-zero padding modes and 'same' applied to the input by F.pad,
     so that the convolution itself only ever sees symmetric zero padding."""

@@ -62,9 +62,7 @@ class _MaskedLeakyReLU(torch.autograd.Function):
         # PyTorch's own backward kernels, fed 1.0 / 0.0 for x > 0 / x <= 0: same semantics
         positive = unpack_bits(packed, ctx.shape).to(grad_out.dtype)
         if ctx.negative_slope:
-            grad = torch.ops.aten.leaky_relu_backward(
-                grad_out, positive, ctx.negative_slope, False
-            )
+            grad = torch.ops.aten.leaky_relu_backward(grad_out, positive, ctx.negative_slope, False)
         else:
             grad = torch.ops.aten.threshold_backward(grad_out, positive, 0)
         return grad, None

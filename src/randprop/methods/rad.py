@@ -30,7 +30,13 @@ from torch import nn
 
 from randprop import random as rnd
 from randprop.config import MethodConfig, check_choice, check_fraction, register
-from randprop.methods.base import RandomizedConvNd, RandomizedLayer, autocast_inputs
+from randprop.methods.base import (
+    RandomizedConvNd,
+    RandomizedLayer,
+    autocast_inputs,
+    conv_backward,
+    conv_forward,
+)
 
 
 @register
@@ -178,42 +184,25 @@ class RADLinear(RandomizedLayer, nn.Linear):
 class _RADConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, cfg: RAD, seed: int, stride, padding, dilation, groups):
-        zeros = [0] * (x.dim() - 2)
-        out = torch.ops.aten.convolution(
-            x, weight, bias, stride, padding, dilation, False, zeros, groups
-        )
+        out = conv_forward(ctx, x, weight, bias, stride, padding, dilation, groups)
         b, c = x.shape[:2]
         stored = compress(x.reshape(b, c, -1), cfg, seed) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(stored, weight)
-        ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
-        ctx.conv = (stride, padding, dilation, zeros, groups)
-        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.cfg, ctx.seed = cfg, seed
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         stored, weight = ctx.saved_tensors
-        stride, padding, dilation, zeros, groups = ctx.conv
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
+        x_hat = None
         if need_w:
             b, c = ctx.x_shape[:2]
             shape = torch.Size((b, c, ctx.x_shape[2:].numel()))
             x_hat = decompress(stored, shape, ctx.cfg, ctx.seed).view(ctx.x_shape)
-        else:  # convolution_backward reads only the shape of the input for the input gradient
-            x_hat = grad_out.new_zeros(()).expand(ctx.x_shape)
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out,
-            x_hat,
-            weight,
-            ctx.bias_shape,
-            stride,
-            padding,
-            dilation,
-            False,
-            zeros,
-            groups,
-            [need_x, need_w, need_b],
+        grad_x, grad_w, grad_b = conv_backward(
+            grad_out, x_hat, ctx.x_shape, weight, ctx.bias_shape, ctx.conv, [need_x, need_w, need_b]
         )
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 

@@ -33,12 +33,12 @@ from torch import nn
 from randprop import random as rnd
 from randprop.config import MethodConfig, check_choice, register
 from randprop.methods.base import (
+    ConvArgs,
     RandomizedConvNd,
     autocast_inputs,
+    conv_backward,
+    conv_forward,
 )
-
-#: (stride, padding, dilation, output_padding, groups) as aten.convolution takes them
-ConvArgs = tuple[list[int], list[int], list[int], list[int], int]
 
 
 @register
@@ -177,41 +177,23 @@ def reconstruct(stored: torch.Tensor, z: torch.Tensor, cfg: Trace) -> torch.Tens
 class _TraceConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, cfg: Trace, seed: int, stride, padding, dilation, groups):
-        zeros = [0] * (x.dim() - 2)
-        out = torch.ops.aten.convolution(
-            x, weight, bias, stride, padding, dilation, False, zeros, groups
-        )
+        out = conv_forward(ctx, x, weight, bias, stride, padding, dilation, groups)
         stored = None
         if ctx.needs_input_grad[1]:
             stored = project(x, probe_tensor(x.shape, cfg, seed, x.device, x.dtype), cfg)
         ctx.save_for_backward(stored, weight)
-        ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
-        ctx.conv = (stride, padding, dilation, zeros, groups)
-        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.cfg, ctx.seed = cfg, seed
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         stored, weight = ctx.saved_tensors
-        stride, padding, dilation, zeros, groups = ctx.conv
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
         grad_x = grad_w = grad_b = None
-        if need_x:  # the input gradient reads only the input's shape
-            shape_only = grad_out.new_zeros(()).expand(ctx.x_shape)
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out,
-                shape_only,
-                weight,
-                None,
-                stride,
-                padding,
-                dilation,
-                False,
-                zeros,
-                groups,
-                [True, False, False],
-            )[0]
+        if need_x:
+            mask = [True, False, False]
+            grad_x = conv_backward(grad_out, None, ctx.x_shape, weight, None, ctx.conv, mask)[0]
         if need_b:
             grad_b = grad_out.sum([0, *range(2, grad_out.dim())])
         if need_w:

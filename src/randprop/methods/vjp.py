@@ -33,7 +33,13 @@ from torch import nn
 
 from randprop import random as rnd
 from randprop.config import METHODS, MethodConfig, check_choice, check_fraction, register
-from randprop.methods.base import RandomizedConvNd, RandomizedLayer, autocast_inputs
+from randprop.methods.base import (
+    RandomizedConvNd,
+    RandomizedLayer,
+    autocast_inputs,
+    conv_backward,
+    conv_forward,
+)
 
 SKETCHES = ("uniform", "optimal", "lowrank", "gaussian")
 PROJECTIONS = ("lowrank", "gaussian")
@@ -350,28 +356,13 @@ class VJPLinear(RandomizedLayer, nn.Linear):
 # --- Conv -----------------------------------------------------------------------------------
 
 
-def _conv_backward(grad, x, x_shape, weight, bias_shape, conv, mask):
-    """aten.convolution_backward; when x is None only its shape is used (no weight grad)."""
-    stride, padding, dilation, zeros, groups = conv
-    if x is None:
-        x = grad.new_zeros(()).expand(x_shape)
-    return torch.ops.aten.convolution_backward(
-        grad, x, weight, bias_shape, stride, padding, dilation, False, zeros, groups, mask
-    )
-
-
 class _VJPConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, cfg: SparseVJP, seed: int, stride, padding, dilation, groups):
-        zeros = [0] * (x.dim() - 2)
-        out = torch.ops.aten.convolution(
-            x, weight, bias, stride, padding, dilation, False, zeros, groups
-        )
+        out = conv_forward(ctx, x, weight, bias, stride, padding, dilation, groups)
         stored = _stored_input(x, cfg, seed) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(stored, weight)
-        ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
-        ctx.conv = (stride, padding, dilation, zeros, groups)
-        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.cfg, ctx.seed = cfg, seed
         return out
 
     @staticmethod
@@ -384,7 +375,7 @@ class _VJPConvFn(torch.autograd.Function):
         rest = (None,) * 7
         if cfg.structure == "element" or (cfg.structure == "column" and conv[4] != 1):
             g = sketch(grad, cfg, seed, channel_dim=1)
-            out = _conv_backward(
+            out = conv_backward(
                 g, stored, x_shape, weight, ctx.bias_shape, conv, [need_x, need_w, need_b]
             )
             return (*out, *rest)
@@ -392,7 +383,7 @@ class _VJPConvFn(torch.autograd.Function):
             f = frame(grad.shape[0], cfg, gen, grad)
             gp = _project_rows(f, grad)
             k_shape = (f.shape[1], *x_shape[1:])
-            gx, gw, _ = _conv_backward(
+            gx, gw, _ = conv_backward(
                 gp, stored, k_shape, weight, None, conv, [need_x, need_w, False]
             )
             gb = None
@@ -411,7 +402,7 @@ class _VJPConvFn(torch.autograd.Function):
                 )
             g = _rows(grad, idx) * scale.to(grad.dtype).view(-1, *[1] * (grad.dim() - 1))
             x = stored if cfg.sketch == "uniform" or stored is None else _rows(stored, idx)
-            gx, gw, gb = _conv_backward(
+            gx, gw, gb = conv_backward(
                 g,
                 x,
                 (idx.numel(), *x_shape[1:]),
@@ -429,7 +420,7 @@ class _VJPConvFn(torch.autograd.Function):
             gp = (grad.movedim(1, -1) @ f).movedim(-1, 1)
             wp = (f.T @ weight.reshape(n_out, -1)).view(f.shape[1], *weight.shape[1:])
             bias_k = None if not need_b else [f.shape[1]]
-            gx, gw, gb = _conv_backward(
+            gx, gw, gb = conv_backward(
                 gp, stored, x_shape, wp, bias_k, conv, [need_x, need_w, need_b]
             )
             if gw is not None:
@@ -445,7 +436,7 @@ class _VJPConvFn(torch.autograd.Function):
                 *rest,
             )
         g = grad.index_select(1, idx) * scale.to(grad.dtype).view(-1, *[1] * (grad.dim() - 2))
-        gx, gw, gb = _conv_backward(
+        gx, gw, gb = conv_backward(
             g,
             stored,
             x_shape,
