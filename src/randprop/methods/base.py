@@ -111,6 +111,20 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+def weight_to_save(ctx, weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight, saved only when the input gradient (D W) needs its values, as F.linear and
+    conv do: under autocast it is a cast copy that would otherwise stay alive for nothing.
+    Records ctx.weight_shape for :func:`saved_weight`."""
+    ctx.weight_shape = weight.shape
+    return weight if ctx.needs_input_grad[0] else None
+
+
+def saved_weight(ctx, weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The saved weight, or a zero-stride stand-in of its shape (and ``like``'s dtype) where
+    only its shape is read."""
+    return like.new_zeros(()).expand(ctx.weight_shape) if weight is None else weight
+
+
 #: (stride, padding, dilation, output_padding, groups) as aten.convolution takes them
 ConvArgs = tuple[list[int], list[int], list[int], list[int], int]
 
