@@ -55,3 +55,58 @@ def test_pack_bits_of_an_unaligned_view_and_bit_order():
     view = base[3:]  # storage offset 3
     assert pack_bits(view).tolist() == [0b0000_0101, 0b0100_0010]
     assert torch.equal(unpack_bits(pack_bits(view), view.shape), view)
+
+
+@pytest.mark.parametrize(
+    "ours, ref",
+    [
+        (MaskedReLU(inplace=True), nn.ReLU(inplace=True)),
+        (MaskedLeakyReLU(0.05, inplace=True), nn.LeakyReLU(0.05, inplace=True)),
+        (lambda x: rp.functional.relu(x, inplace=True), lambda x: torch.relu_(x)),
+    ],
+)
+def test_inplace_matches_pytorch(ours, ref):
+    """inplace=True: the input itself is changed and returned, gradients as PyTorch's."""
+    x = torch.randn(4, 9, dtype=torch.float64)
+    upstream = torch.randn(4, 9, dtype=torch.float64)
+    grads, outs = [], []
+    for fn in (ours, ref):
+        leaf = x.clone().requires_grad_()
+        inp = leaf * 1.0  # a non-leaf, as in-place activations need
+        out = fn(inp)
+        assert out is inp and torch.equal(inp, out)
+        out.backward(upstream)
+        grads.append(leaf.grad)
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0], grads[1])
+    with torch.no_grad():  # and without autograd: the same in-place change
+        y = x.clone()
+        assert ours(y) is y and torch.equal(y, outs[1])
+
+
+def test_inplace_on_a_leaf_is_refused_as_pytorch_does():
+    leaf = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf"):
+        nn.ReLU(inplace=True)(leaf)
+    with pytest.raises(RuntimeError, match="leaf"):
+        MaskedReLU(inplace=True)(leaf)
+
+
+@pytest.mark.parametrize("layer", [MaskedReLU(), MaskedLeakyReLU(0.1)])
+def test_no_mask_packed_when_no_gradient_is_needed(layer, monkeypatch):
+    """Under no_grad, or for an input that needs no gradient, the plain kernel runs: no mask is
+    packed (nothing saved, no packing work)."""
+    from randprop.methods import masks
+
+    calls = []
+    monkeypatch.setattr(masks, "pack_bits", lambda m: calls.append(m) or pack_bits(m))
+    x = torch.randn(64, 100, requires_grad=True)
+    with torch.no_grad(), rp.track_saved() as saved:
+        out = layer(x)
+    assert saved.total == 0 and not calls and not out.requires_grad
+    with rp.track_saved() as saved:
+        layer(torch.randn(64, 100))
+    assert saved.total == 0 and not calls
+    layer(x * 1.0)  # positive control: a gradient is needed, the mask is packed
+    assert len(calls) == 1

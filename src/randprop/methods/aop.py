@@ -272,7 +272,7 @@ def input_grad(
 class _AOPLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, cfg: AOP, seed: int, owner, counts):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight if ctx.needs_input_grad[0] else None)  # W: for D W only
         ctx.cfg, ctx.seed, ctx.owner, ctx.counts = cfg, seed, owner, counts
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
@@ -287,7 +287,7 @@ class _AOPLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             rows = x.reshape(-1, x.shape[-1])
             if cfg.selects_weight:
-                grad_w = weight_grad(rows, d, cfg, k_rows, gen, ctx.owner).to(weight.dtype)
+                grad_w = weight_grad(rows, d, cfg, k_rows, gen, ctx.owner).to(x.dtype)
             else:
                 grad_w = d.T @ rows
         if ctx.needs_input_grad[0]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,8 +30,20 @@ class RandomizedLayer(nn.Module):
     rp_original_class: type
 
     def rp_next_seed(self) -> int:
+        """The seed of this forward call. Outside a backward pass: a fresh draw (``rp_step``
+        advances), also pushed on the layer's record of seeds awaiting a recompute. Inside one,
+        the call is an activation-checkpoint recompute (see :func:`replayed_seed`)."""
+        pending = _PENDING.get(self)
+        if in_backward():
+            seed = replayed_seed(pending)
+            if seed is not None:
+                return seed
         seed = derive_seed(self.rp_seed, self.rp_layer, self.rp_step, current_rank())
         self.rp_step += 1
+        if not in_backward():
+            if pending is None:
+                pending = _PENDING[self] = collections.deque(maxlen=MAX_PENDING)
+            pending.append(seed)
         return seed
 
     def rp_needs_weight_grad(self) -> bool:
@@ -39,6 +53,37 @@ class RandomizedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, method={self.rp_method}"
+
+
+#: per layer, the seeds drawn by forward calls that a checkpoint may recompute (newest last);
+#: held outside the module so that it never reaches a state_dict, a pickle or a deepcopy
+_PENDING: weakref.WeakKeyDictionary[nn.Module, collections.deque[int]] = weakref.WeakKeyDictionary()
+#: most seeds remembered per layer (calls awaiting their recompute in one forward); older ones
+#: are forgotten, and a recompute of such a call draws afresh
+MAX_PENDING = 256
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread.
+
+    A converted layer's forward running then is an activation-checkpoint recompute
+    (torch.utils.checkpoint recomputes inside backward in both modes). torch has no public
+    query for this; torch.utils.checkpoint itself uses the same private call.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def replayed_seed(pending: collections.deque[int] | None) -> int | None:
+    """The seed a recompute replays: the newest seed still awaiting one, removed from the record.
+
+    Non-reentrant checkpoint: the original forward drew and recorded the seed, and backward
+    recomputes the latest region first, so the newest record is this call's (exact for a layer
+    called once per checkpointed region, shared across regions included; a layer called several
+    times inside one region gets its draws back in reverse order). Reentrant checkpoint: the
+    original forward ran under no_grad and drew nothing, so nothing is recorded and the
+    recompute draws the fresh seed itself, the one a plain forward would have drawn (None).
+    """
+    return pending.pop() if pending else None
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -64,6 +109,20 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     if dtype is None:
         return tensors
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def weight_to_save(ctx, weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight, saved only when the input gradient (D W) needs its values, as F.linear and
+    conv do: under autocast it is a cast copy that would otherwise stay alive for nothing.
+    Records ctx.weight_shape for :func:`saved_weight`."""
+    ctx.weight_shape = weight.shape
+    return weight if ctx.needs_input_grad[0] else None
+
+
+def saved_weight(ctx, weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The saved weight, or a zero-stride stand-in of its shape (and ``like``'s dtype) where
+    only its shape is read."""
+    return like.new_zeros(()).expand(ctx.weight_shape) if weight is None else weight
 
 
 #: (stride, padding, dilation, output_padding, groups) as aten.convolution takes them

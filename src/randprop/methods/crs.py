@@ -130,7 +130,8 @@ class _CRSLinearFn(torch.autograd.Function):
         k = rnd.kept_count(n_rows, cfg.keep)
         gen = rnd.generator(seed, x.device)
         idx, weights = choose_rows(scores, k, math.floor(cfg.winners * k + 1e-9), gen)
-        ctx.save_for_backward(rows.index_select(0, idx), idx, weights, weight)
+        kept_weight = weight if ctx.needs_input_grad[0] else None  # read by D W only
+        ctx.save_for_backward(rows.index_select(0, idx), idx, weights, kept_weight)
         ctx.cfg, ctx.estimate, ctx.positions = cfg, estimate, positions
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return F.linear(x, weight, bias)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from randprop.methods.pooling import COMPACT_POOLS
@@ -49,12 +50,14 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class _MaskedLeakyReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, negative_slope: float, inplace: bool) -> torch.Tensor:
         positive = x > 0
-        out = torch.where(positive, x, x * negative_slope) if negative_slope else x.clamp_min(0)
         ctx.save_for_backward(pack_bits(positive))
         ctx.shape, ctx.negative_slope = x.shape, negative_slope
-        return out
+        if inplace:
+            ctx.mark_dirty(x)
+            return F.leaky_relu_(x, negative_slope) if negative_slope else x.relu_()
+        return torch.where(positive, x, x * negative_slope) if negative_slope else x.clamp_min(0)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -65,36 +68,44 @@ class _MaskedLeakyReLU(torch.autograd.Function):
             grad = torch.ops.aten.leaky_relu_backward(grad_out, positive, ctx.negative_slope, False)
         else:
             grad = torch.ops.aten.threshold_backward(grad_out, positive, 0)
-        return grad, None
+        return grad, None, None
 
 
-def relu(x: torch.Tensor) -> torch.Tensor:
-    """ReLU saving a 1-bit mask for backward; same values and gradients as ``torch.relu``."""
-    return _MaskedLeakyReLU.apply(x, 0.0)
+def leaky_relu(
+    x: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False
+) -> torch.Tensor:
+    """LeakyReLU saving a 1-bit mask for backward; same values, gradients and in-place
+    behaviour as ``F.leaky_relu``. When no gradient is needed it is ``F.leaky_relu`` itself
+    (nothing packed)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.leaky_relu(x, negative_slope, inplace)
+    return _MaskedLeakyReLU.apply(x, float(negative_slope), inplace)
 
 
-def leaky_relu(x: torch.Tensor, negative_slope: float = 0.01) -> torch.Tensor:
-    """LeakyReLU saving a 1-bit mask for backward; same as ``F.leaky_relu``."""
-    return _MaskedLeakyReLU.apply(x, float(negative_slope))
+def relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """ReLU saving a 1-bit mask for backward; same as ``F.relu`` (in place when ``inplace``).
+    When no gradient is needed it is ``F.relu`` itself (nothing packed)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.relu(x, inplace)
+    return _MaskedLeakyReLU.apply(x, 0.0, inplace)
 
 
 class MaskedReLU(nn.ReLU):
-    """nn.ReLU whose backward uses a packed 1-bit mask (``inplace`` is ignored: the mask is
-    what saves memory)."""
+    """nn.ReLU whose backward uses a packed 1-bit mask (``inplace`` as in nn.ReLU)."""
 
     rp_storage = "exact, 1-bit mask"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return relu(x)
+        return relu(x, self.inplace)
 
 
 class MaskedLeakyReLU(nn.LeakyReLU):
-    """nn.LeakyReLU whose backward uses a packed 1-bit mask."""
+    """nn.LeakyReLU whose backward uses a packed 1-bit mask (``inplace`` as in nn.LeakyReLU)."""
 
     rp_storage = "exact, 1-bit mask"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return leaky_relu(x, self.negative_slope)
+        return leaky_relu(x, self.negative_slope, self.inplace)
 
 
 # exact activation layers with compact storage, swapped in by convert under memory-saving methods

@@ -36,6 +36,8 @@ from randprop.methods.base import (
     autocast_inputs,
     conv_backward,
     conv_forward,
+    saved_weight,
+    weight_to_save,
 )
 
 
@@ -142,7 +144,7 @@ class _RADLinearFn(torch.autograd.Function):
         out = F.linear(x, weight, bias)
         rows = x.reshape(-1, 1, x.shape[-1])
         stored = compress(rows, cfg, seed) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(stored, weight)
+        ctx.save_for_backward(stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
         ctx.has_bias = bias is not None
         return out
@@ -187,13 +189,14 @@ class _RADConvFn(torch.autograd.Function):
         out = conv_forward(ctx, x, weight, bias, stride, padding, dilation, groups)
         b, c = x.shape[:2]
         stored = compress(x.reshape(b, c, -1), cfg, seed) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(stored, weight)
+        ctx.save_for_backward(stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed = cfg, seed
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         stored, weight = ctx.saved_tensors
+        weight = saved_weight(ctx, weight, grad_out)
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
         x_hat = None

@@ -38,6 +38,8 @@ from randprop.methods.base import (
     autocast_inputs,
     conv_backward,
     conv_forward,
+    saved_weight,
+    weight_to_save,
 )
 
 
@@ -181,13 +183,14 @@ class _TraceConvFn(torch.autograd.Function):
         stored = None
         if ctx.needs_input_grad[1]:
             stored = project(x, probe_tensor(x.shape, cfg, seed, x.device, x.dtype), cfg)
-        ctx.save_for_backward(stored, weight)
+        ctx.save_for_backward(stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed = cfg, seed
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         stored, weight = ctx.saved_tensors
+        weight = saved_weight(ctx, weight, grad_out)
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
         grad_x = grad_w = grad_b = None

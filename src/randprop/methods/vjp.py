@@ -39,6 +39,8 @@ from randprop.methods.base import (
     autocast_inputs,
     conv_backward,
     conv_forward,
+    saved_weight,
+    weight_to_save,
 )
 
 SKETCHES = ("uniform", "optimal", "lowrank", "gaussian")
@@ -253,7 +255,7 @@ class _VJPLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, cfg: SparseVJP, seed: int):
         out = F.linear(x, weight, bias)
         stored = _stored_input(x, cfg, seed) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(stored, weight)
+        ctx.save_for_backward(stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
         ctx.has_bias = bias is not None
         return out
@@ -261,6 +263,7 @@ class _VJPLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         stored, weight = ctx.saved_tensors
+        weight = saved_weight(ctx, weight, grad)
         cfg, seed = ctx.cfg, ctx.seed
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
@@ -361,13 +364,14 @@ class _VJPConvFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, cfg: SparseVJP, seed: int, stride, padding, dilation, groups):
         out = conv_forward(ctx, x, weight, bias, stride, padding, dilation, groups)
         stored = _stored_input(x, cfg, seed) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(stored, weight)
+        ctx.save_for_backward(stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed = cfg, seed
         return out
 
     @staticmethod
     def backward(ctx, grad):
         stored, weight = ctx.saved_tensors
+        weight = saved_weight(ctx, weight, grad)
         cfg, seed, conv, x_shape = ctx.cfg, ctx.seed, ctx.conv, ctx.x_shape
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
