@@ -1,6 +1,7 @@
 import pytest
 
 import randprop as rp
+from randprop.config import METHODS
 
 
 @pytest.mark.parametrize(
@@ -47,3 +48,36 @@ def test_parse_errors(text, match):
 def test_configs_are_frozen():
     with pytest.raises(AttributeError):
         rp.RAD().keep = 0.5
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_config_round_trips(name):
+    cfg = METHODS[name]()
+    assert rp.parse_method(str(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        rp.AOP(k=3, policy="weighted", memory="queue", decay=0.5, capacity=2.0),
+        rp.AOP(keep=0.5, target="both", memory="off"),
+        rp.Trace(probes=4, probe="orthogonal", channels="independent"),
+        rp.SparseVJP(density=0.5, sketch="lowrank", structure="row"),
+        rp.CRS(keep=0.5, winners=0.25, momentum=0.5),
+    ],
+    ids=str,
+)
+def test_non_default_configs_round_trip(cfg):
+    assert rp.parse_method(str(cfg)) == cfg
+
+
+def test_optional_fields_parse_none_and_numbers():
+    assert rp.parse_method("aop:k=none,keep=0.5") == rp.AOP(keep=0.5)
+    assert rp.parse_method("aop:keep=none,k=2") == rp.AOP(k=2)
+    with pytest.raises(ValueError, match="k must be int or none; got 'x'"):
+        rp.parse_method("aop:k=x")
+
+
+def test_a_repeated_option_is_an_error_even_with_the_same_value():
+    with pytest.raises(ValueError, match="rad: option 'keep' given more than once"):
+        rp.parse_method("rad:keep=0.1,keep=0.1")

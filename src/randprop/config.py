@@ -62,8 +62,6 @@ def check_fraction(owner: str, field: str, value: float, allow_one: bool = True)
 
 
 def _parse_value(text: str, annotation: Any, owner: str, field: str) -> Any:
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing))  # resolve postponed annotations
     options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
     low = text.strip().lower()
     if type(None) in options and low in ("none", "null", ""):
@@ -86,7 +84,9 @@ def _parse_value(text: str, annotation: Any, owner: str, field: str) -> Any:
                 pass
         elif option is str:
             return text.strip()
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    names = " or ".join(
+        "none" if o is type(None) else getattr(o, "__name__", str(o)) for o in options
+    )
     raise ValueError(f"{owner}: {field} must be {names}; got {text!r}")
 
 
@@ -105,7 +105,8 @@ def parse_method(text: str | MethodConfig) -> MethodConfig:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)  # resolves the modules' postponed (string) annotations
     kwargs: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
@@ -115,5 +116,7 @@ def parse_method(text: str | MethodConfig) -> MethodConfig:
                 f"{name}: unknown or malformed option {item!r}; options are "
                 f"{', '.join(fields) or 'none'}"
             )
-        kwargs[key] = _parse_value(value, fields[key].type, name, key)
+        if key in kwargs:
+            raise ValueError(f"{name}: option {key!r} given more than once in {text!r}")
+        kwargs[key] = _parse_value(value, hints[key], name, key)
     return cls(**kwargs)

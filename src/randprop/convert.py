@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import operator
 from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
@@ -66,7 +67,7 @@ def convert(
     method: MethodSpec,
     *,
     module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    target_modules: Sequence[str] | None = None,
+    target_modules: str | Sequence[str] | None = None,
     seed: int = 0,
     activation_masks: bool = True,
 ) -> ConversionReport:
@@ -75,13 +76,28 @@ def convert(
     method: a config (``rp.RAD(keep=0.1)``), its string form, or a dict mapping fnmatch
         patterns of module names to methods (first match wins).
     module_filter_fn(module, name) -> bool: convert only where it returns True (as in torchao).
-    target_modules: fnmatch patterns of module names to convert (as in PEFT).
-    seed: run seed of every random draw (with layer index, step and rank).
+    target_modules: fnmatch patterns of module names to convert (as in PEFT); a single string
+        is one pattern.
+    seed: run seed of every random draw (with layer index, step and rank): an int.
     activation_masks: swap ReLU / LeakyReLU for their exact 1-bit-mask versions under
         memory-saving methods.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    if module_filter_fn is not None and not callable(module_filter_fn):
+        raise TypeError(
+            "module_filter_fn must be a callable (module, name) -> bool or None; "
+            f"got {type(module_filter_fn).__name__}"
+        )
+    target_modules = _patterns(target_modules)
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int; got bool")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an int; got {type(seed).__name__}") from None
+    if not isinstance(activation_masks, bool):
+        raise TypeError(f"activation_masks must be True or False; got {activation_masks!r}")
     if isinstance(method, Mapping):
         for spec in method.values():
             parse_method(spec)  # fail early on a bad entry
@@ -126,6 +142,28 @@ def convert(
     return report
 
 
+def _patterns(target_modules: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """target_modules as a tuple of fnmatch patterns (a single string is one pattern)."""
+    if target_modules is None:
+        return None
+    if isinstance(target_modules, str):
+        return (target_modules,)
+    try:
+        patterns = tuple(target_modules)
+    except TypeError:
+        raise TypeError(
+            "target_modules must be a string or a list of strings (fnmatch patterns of module "
+            f"names) or None; got {type(target_modules).__name__}"
+        ) from None
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(
+                "target_modules entries must be strings (fnmatch patterns of module names); "
+                f"got {pattern!r} ({type(pattern).__name__})"
+            )
+    return patterns
+
+
 def _target_class(
     module: nn.Module, cfg: MethodConfig, activation_masks: bool
 ) -> tuple[type | None, str]:
@@ -150,6 +188,8 @@ def _target_class(
 
 def restore(model: nn.Module) -> list[str]:
     """Give every converted layer of ``model`` its original class back; returns their names."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     restored = []
     for name, module in model.named_modules():
         original = getattr(module, "rp_original_class", None)

@@ -176,6 +176,8 @@ class RandomizedConvNd(RandomizedLayer):
         return self.rp_needs_weight_grad()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (self.weight.dim() - 1, self.weight.dim()):
+            return self._conv_forward(x, self.weight, self.bias)  # plain PyTorch's shape error
         if not self.rp_active(x):
             return self._conv_forward(x, self.weight, self.bias)
         unbatched = x.dim() == self.weight.dim() - 1

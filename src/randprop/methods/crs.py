@@ -170,6 +170,8 @@ def crs_linear(
     x, weight, bias = autocast_inputs(x, weight, bias)
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.linear(x, weight, bias)
+    if x.numel() == 0 or weight.numel() == 0:  # nothing to sample: the plain op is exact
+        return F.linear(x, weight, bias)
     estimate = _estimate(state, _positions(x.shape), weight.device)
     return _CRSLinearFn.apply(x, weight, bias, cfg, seed, estimate)
 

@@ -168,6 +168,8 @@ def rad_linear(
 ) -> torch.Tensor:
     """F.linear whose weight gradient comes from a RAD sketch of ``x`` drawn with ``seed``."""
     x, weight, bias = autocast_inputs(x, weight, bias)
+    if x.numel() == 0 or weight.numel() == 0:  # nothing to sketch: the plain op is exact
+        return F.linear(x, weight, bias)
     return _RADLinearFn.apply(x, weight, bias, cfg, seed)
 
 
@@ -223,6 +225,9 @@ def rad_conv(
 ) -> torch.Tensor:
     """Convolution (1d/2d/3d by the rank of ``x``) with RAD weight gradients."""
     x, weight, bias = autocast_inputs(x, weight, bias)
+    if x.numel() == 0 or weight.numel() == 0:  # nothing to sketch: the plain op is exact
+        zeros = [0] * (x.dim() - 2)
+        return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
     return _RADConvFn.apply(
         x, weight, bias, cfg, seed, list(stride), list(padding), list(dilation), groups
     )

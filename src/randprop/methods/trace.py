@@ -222,6 +222,9 @@ def trace_conv(
     """Convolution (1d/2d/3d by the rank of batched ``x``, zero ``padding``) whose weight
     gradient is a trace estimate with probes drawn from ``seed``."""
     x, weight, bias = autocast_inputs(x, weight, bias)
+    if x.numel() == 0 or weight.numel() == 0:  # nothing to sketch: the plain op is exact
+        zeros = [0] * (x.dim() - 2)
+        return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
     return _TraceConvFn.apply(
         x, weight, bias, cfg, seed, list(stride), list(padding), list(dilation), groups
     )

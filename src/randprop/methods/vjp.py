@@ -170,6 +170,8 @@ def sketch(g: torch.Tensor, cfg: SparseVJP, seed: int, channel_dim: int = -1) ->
 
     Rows are dim 0 of ``g``, columns ``channel_dim``.
     """
+    if g.numel() == 0:
+        return g
     gen = rnd.generator(seed, g.device)
     if cfg.structure == "element":
         if cfg.sketch == "uniform":
@@ -335,6 +337,8 @@ def vjp_linear(
     """F.linear whose output gradient is sketched (``sparse_vjp``) before its own backward,
     which then runs only on the kept rows / columns. Rows are dim 0 of ``x``."""
     x, weight, bias = autocast_inputs(x, weight, bias)
+    if x.numel() == 0 or weight.numel() == 0:  # nothing to sketch: the plain op is exact
+        return F.linear(x, weight, bias)
     if x.dim() == 1:
         return _VJPLinearFn.apply(x.unsqueeze(0), weight, bias, _as_config(cfg), seed)[0]
     return _VJPLinearFn.apply(x, weight, bias, _as_config(cfg), seed)
@@ -471,6 +475,9 @@ def vjp_conv(
     own backward. Rows are examples, columns output channels (channel structure needs groups=1
     for the smaller GEMMs; with groups > 1 the sketch is applied densely)."""
     x, weight, bias = autocast_inputs(x, weight, bias)
+    if x.numel() == 0 or weight.numel() == 0:  # nothing to sketch: the plain op is exact
+        zeros = [0] * (x.dim() - 2)
+        return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
     return _VJPConvFn.apply(
         x, weight, bias, _as_config(cfg), seed, list(stride), list(padding), list(dilation), groups
     )

@@ -53,6 +53,10 @@ class DFA:
         loss_fn: LossFn | None = None,
         seed: int = 0,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"DFA: model must be an nn.Module; got {type(model).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"DFA: loss_fn must be callable or None; got {type(loss_fn).__name__}")
         self.model, self.loss_fn = model, loss_fn
         self.feedback = FeedbackMatrices(seed)
         self.boundaries = boundaries(model, blocks)

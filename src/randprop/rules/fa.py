@@ -136,6 +136,10 @@ class FA:
     def __init__(
         self, model: nn.Module, *, loss_fn: LossFn | None = None, seed: int = 0, store: bool = True
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"FA: model must be an nn.Module; got {type(model).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"FA: loss_fn must be callable or None; got {type(loss_fn).__name__}")
         if store not in (True, False):
             raise ValueError(f"store must be True or False, got {store!r}")
         self.model, self.loss_fn = model, loss_fn

@@ -37,6 +37,13 @@ class MemDFA:
         *,
         seed: int = 0,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MemDFA: model must be an nn.Module; got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(
+                f"MemDFA: loss_fn must be callable (output, target) -> loss; "
+                f"got {type(loss_fn).__name__}"
+            )
         self.model, self.loss_fn = model, loss_fn
         self.feedback = FeedbackMatrices(seed)
         self.boundaries = boundaries(model, blocks)
