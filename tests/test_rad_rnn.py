@@ -1,6 +1,7 @@
 """RAD through time: exact forward and state gradients, unbiased weight gradients, memory."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -200,3 +201,20 @@ def test_no_grad_runs_the_plain_layer(module, shape, state_shapes):
     # PyTorch's own RNN differs by an ulp between grad modes
     torch.testing.assert_close(flat(rad(x)), expected, rtol=1e-14, atol=1e-15)
     assert rad.rp_step == 0  # no seed drawn
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+@pytest.mark.parametrize("shape", [(0, 3, 4), (5, 0, 4)])
+def test_empty_sequences_behave_as_the_plain_layer(kind, shape):
+    """Length 0 raises PyTorch's own error; batch 0 gives the plain layer's empty output."""
+    plain = nn.RNN(4, 6, nonlinearity="relu") if kind == "rnn" else nn.LSTM(4, 6)
+    layer = copy.deepcopy(plain)
+    rp.convert(layer, rp.RAD(keep=0.5))
+    x = torch.randn(shape, requires_grad=True)
+    try:
+        expected = plain(x)[0]
+    except RuntimeError as err:
+        with pytest.raises(RuntimeError, match=re.escape(str(err).split("\n")[0][:40])):
+            layer(x)
+        return
+    torch.testing.assert_close(layer(x)[0], expected)

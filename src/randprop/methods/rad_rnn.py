@@ -240,18 +240,20 @@ def _unsupported_rnn(module: nn.RNNBase) -> str | None:
     return None
 
 
-def _plain(layer: nn.Module) -> bool:
-    """True in eval / no_grad or with every weight frozen: then the layer's own PyTorch forward
-    runs, no seed is drawn and nothing random is stored."""
+def _plain(layer: nn.Module, input) -> bool:
+    """True in eval / no_grad, with every weight frozen, or for an empty input: then the layer's
+    own PyTorch forward runs (with its own errors and empty results), no seed is drawn and
+    nothing random is stored."""
     trainable = any(p.requires_grad for p in layer.parameters(recurse=False))
-    return not (torch.is_grad_enabled() and trainable)
+    empty = isinstance(input, torch.Tensor) and input.numel() == 0
+    return empty or not (torch.is_grad_enabled() and trainable)
 
 
 class _RADRNNBase(RandomizedLayer):
     """Shared sequence handling: batch_first, unbatched input, stacked layers."""
 
     def forward(self, input: torch.Tensor, hx=None):
-        if _plain(self):
+        if _plain(self, input):
             return super().forward(input, hx)
         if isinstance(input, PackedSequence):
             raise TypeError(
@@ -337,7 +339,7 @@ class RADRNNCell(RandomizedLayer, nn.RNNCell):
         return None
 
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> torch.Tensor:
-        if _plain(self):
+        if _plain(self, input):
             return super().forward(input, hx)
         unbatched = input.dim() == 1
         x = input.reshape(1, -1, input.shape[-1])
@@ -350,7 +352,7 @@ class RADLSTMCell(RandomizedLayer, nn.LSTMCell):
     """nn.LSTMCell with RAD weight gradients: one step of :class:`RADLSTM`."""
 
     def forward(self, input: torch.Tensor, hx=None) -> tuple[torch.Tensor, torch.Tensor]:
-        if _plain(self):
+        if _plain(self, input):
             return super().forward(input, hx)
         unbatched = input.dim() == 1
         x = input.reshape(1, -1, input.shape[-1])
