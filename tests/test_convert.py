@@ -85,7 +85,7 @@ def test_exact_converts_nothing_and_masks_can_be_disabled():
     model = small_model()
     report = rp.convert(model, rp.Exact())
     assert report.converted == [] and type(model[1]) is nn.ReLU
-    assert set(report.skipped.values()) == {"exact: kept as plain PyTorch"}
+    assert {report.skipped[n] for n in "036"} == {"exact: kept as plain PyTorch"}
     model = small_model()
     report = rp.convert(model, rp.RAD(), activation_masks=False)
     assert type(model[1]) is nn.ReLU and report.skipped["1"] == "activation_masks=False"

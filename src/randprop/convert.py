@@ -146,14 +146,14 @@ def _target_class(
     module: nn.Module, cfg: MethodConfig, activation_masks: bool
 ) -> tuple[type | None, str]:
     kind = type(module)
-    if isinstance(cfg, Exact):
-        return None, "exact: kept as plain PyTorch"
     if kind in MASKED:
         if not cfg.saves_memory:
             return None, f"{cfg.name} keeps activations exact as stored by PyTorch"
         if not activation_masks:
             return None, "activation_masks=False"
         return MASKED[kind], ""
+    if isinstance(cfg, Exact):
+        return None, "exact: kept as plain PyTorch"
     new_class = cfg.layer_class(kind)
     if new_class is not None:
         return _target_class_of(module, new_class)
