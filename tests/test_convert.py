@@ -85,6 +85,7 @@ def test_exact_converts_nothing_and_masks_can_be_disabled():
     model = small_model()
     report = rp.convert(model, rp.Exact())
     assert report.converted == [] and type(model[1]) is nn.ReLU
+    assert {report.skipped[n] for n in "036"} == {"exact: kept as plain PyTorch"}
     model = small_model()
     report = rp.convert(model, rp.RAD(), activation_masks=False)
     assert type(model[1]) is nn.ReLU and report.skipped["1"] == "activation_masks=False"
@@ -105,7 +106,7 @@ def test_subclasses_and_already_converted_layers_are_skipped_with_reason():
 def test_multihead_attention_projection_is_reported_not_mishandled():
     model = nn.Sequential(nn.MultiheadAttention(8, 2))
     report = rp.convert(model, rp.RAD())
-    assert "subclass of Linear" in report.skipped["0.out_proj"]
+    assert "MultiheadAttention uses this Linear's weight directly" in report.skipped["0.out_proj"]
 
 
 def test_bad_arguments():
@@ -120,7 +121,7 @@ def test_bad_arguments():
 def test_layer_ids_and_method_state_round_trip():
     model = small_model()
     rp.convert(model, rp.RAD(), seed=3)
-    assert [model[i].rp_layer for i in (0, 3, 6)] == [0, 1, 2]
+    assert [model[i].rp_layer for i in (0, 3, 6)] == [rp.random.name_id(n) for n in "036"]
     model(torch.randn(2, 1, 8, 8))
     state = rp.method_state(model)
     assert state == {"0": 1, "3": 1, "6": 1}
@@ -128,3 +129,74 @@ def test_layer_ids_and_method_state_round_trip():
     rp.convert(other, rp.RAD(), seed=3)
     rp.load_method_state(other, state)
     assert rp.method_state(other) == state
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(6, 5))
+        self.b = nn.Sequential(nn.Linear(6, 5))
+        with torch.no_grad():
+            self.b[0].weight.copy_(self.a[0].weight)
+            self.b[0].bias.copy_(self.a[0].bias)
+
+
+def _weight_grad(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    return layer.weight.grad.clone()
+
+
+def test_layer_ids_follow_qualified_names_across_separate_convert_calls():
+    x, base = torch.randn(8, 6), _Pair()
+    whole, parts, alone = (copy.deepcopy(base) for _ in range(3))
+    rp.convert(whole, rp.RAD(keep=0.2))
+    rp.convert(parts.a, rp.RAD(keep=0.2), prefix="a")
+    rp.convert(parts.b, rp.RAD(keep=0.2), prefix="b")
+    ids = [m.rp_layer for m in (parts.a[0], parts.b[0])]
+    assert ids == [whole.a[0].rp_layer, whole.b[0].rp_layer] and ids[0] != ids[1]
+    grad_a, grad_b = _weight_grad(parts.a[0], x), _weight_grad(parts.b[0], x)
+    # identical layers and inputs, two separate calls: different draws
+    assert not torch.equal(grad_a, grad_b)
+    # the same as the whole model converted at once (same ids, same seed, same steps)
+    torch.testing.assert_close(grad_a, _weight_grad(whole.a[0], x))
+    torch.testing.assert_close(grad_b, _weight_grad(whole.b[0], x))
+    # without a prefix, same relative names draw the same patterns: the documented pitfall
+    rp.convert(alone.a, rp.RAD(keep=0.2))
+    rp.convert(alone.b, rp.RAD(keep=0.2))
+    assert torch.equal(_weight_grad(alone.a[0], x), _weight_grad(alone.b[0], x))
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        rp.convert(_Pair(), rp.RAD(), prefix=3)
+
+
+def test_linear_subclass_without_own_forward_converts_and_restores():
+    class Tagged(nn.Linear):
+        def describe(self) -> str:
+            return "tagged"
+
+    model = nn.Sequential(Tagged(6, 4), nn.Linear(4, 2))
+    plain = copy.deepcopy(model)
+    report = rp.convert(model, rp.RAD(keep=0.5))
+    assert report.converted == ["0", "1"]
+    layer = model[0]
+    assert (
+        isinstance(layer, Tagged) and isinstance(layer, RADLinear) and layer.describe() == "tagged"
+    )
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(model(x), plain(x))  # exact forward
+    again = copy.deepcopy(model)  # pickles (same process) as the combined class
+    assert type(again[0]) is type(layer)
+    assert rp.restore(model) == ["0", "1"] and type(model[0]) is Tagged
+
+
+def test_convert_and_fa_refuse_each_other():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    rule = rp.rules.FA(model)
+    with pytest.raises(ValueError, match=r"layers 0, 2 are under the learning rule rp.rules.FA"):
+        rp.convert(model, rp.RAD())
+    rule.remove()
+    rp.convert(model, rp.RAD())
+    with pytest.raises(ValueError, match=r"layers 0, 2 were converted by rp.convert.*rp.restore"):
+        rp.rules.FA(model)
+    rp.restore(model)
+    assert rp.rules.FA(model).layers == ["0", "2"]

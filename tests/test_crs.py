@@ -61,8 +61,9 @@ def test_config_round_trip_and_errors():
         assert rp.parse_method(str(cfg)) == cfg
     with pytest.raises(ValueError, match=r"crs: keep must be a number in \(0, 1\]"):
         rp.CRS(keep=0)
-    with pytest.raises(ValueError, match=r"crs: winners must be a number in \[0, 1\]"):
-        rp.CRS(winners=1.5)
+    for winners in (1.5, 1.0, -0.1):  # 1: no sampled row left, a biased top-K
+        with pytest.raises(ValueError, match=r"crs: winners must be a number in \[0, 1\)"):
+            rp.CRS(winners=winners)
     with pytest.raises(ValueError, match=r"crs: momentum must be a number in \[0, 1\)"):
         rp.CRS(momentum=1.0)
 
@@ -140,12 +141,12 @@ def test_estimate_scores_rows_by_position():
     """With equal |x_i|, the winners are the rows at the position with the largest estimate."""
     layer = _layer()
     x = torch.ones(5, 3, 6, dtype=DT)
-    model = _crs(layer, rp.CRS(keep=0.34, winners=1.0))  # K = 6 of 15 rows: all winners
+    model = _crs(layer, rp.CRS(keep=0.34, winners=0.8))  # K = 6 of 15 rows: 5 winners
     model.register_buffer("crs_grad_norm", torch.tensor([0.1, 5.0, 0.2]))
     x_req = x.clone().requires_grad_(True)
     out = model(x_req)
-    saved = out.grad_fn.saved_tensors
-    idx = next(t for t in saved if t.dtype == torch.long)
+    node = next(f for f, _ in out.grad_fn.next_functions if "WeightNode" in type(f).__name__)
+    idx = next(t for t in node.saved_tensors if t.dtype == torch.long)
     assert {1, 4, 7, 10, 13} <= set(idx.tolist()) and idx.numel() == 6
 
 
@@ -162,11 +163,14 @@ def test_running_estimate_update_state_dict_and_reset():
         model[0].crs_grad_norm, 0.75 * first + 0.25 * d2.norm(dim=-1).mean(0).float()
     )
     state = model.state_dict()
-    fresh = nn.Sequential(copy.deepcopy(layer))
-    rp.convert(fresh, rp.CRS(keep=0.5, momentum=0.75))
+    assert set(state) == {"0.weight", "0.bias"}  # the plain layer's keys
+    fresh = nn.Sequential(_crs(layer, rp.CRS(keep=0.5, momentum=0.75)))  # the same layer id
     fresh.load_state_dict(state)
     rp.load_method_state(fresh, rp.method_state(model))
     torch.testing.assert_close(_grads(fresh, x, d), _grads(model, x, d))
+    torch.testing.assert_close(fresh[0].crs_grad_norm, model[0].crs_grad_norm)
+    fresh.load_state_dict(state)  # new weights: the estimate is reset
+    assert not hasattr(fresh[0], "crs_grad_norm")
     _grads(model, *_data((3, 5, 6), 4, 5))  # other positions: the estimate starts afresh
     assert model[0].crs_grad_norm.shape == (5,)
     rp.reset_memory(model)

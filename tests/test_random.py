@@ -62,3 +62,22 @@ def test_bernoulli_mask_rate():
     mask = rnd.bernoulli_mask((20000,), 0.1, rnd.generator(2), torch.device("cpu"))
     sd = math.sqrt(0.1 * 0.9 / 20000)
     assert abs(mask.double().mean().item() - 0.1) < 4.5 * sd
+
+
+def test_streams_never_share_a_seed_and_stay_reproducible():
+    args = [(s, layer, step) for s in (0, 1) for layer in (0, 1, 0xDA7A) for step in (0, 1, 2)]
+    seeds = {
+        (stream, *a): rnd.derive_seed(*a, stream=stream) for stream in rnd.STREAMS for a in args
+    }
+    assert len(set(seeds.values())) == len(seeds)  # every (stream, seed, layer, step) its own
+    assert rnd.derive_seed(3, 1, 2, 0, stream=rnd.STREAM_DATA) == rnd.derive_seed(
+        3, 1, 2, 0, stream=rnd.STREAM_DATA
+    )
+    assert rnd.derive_seed(3, 1, 2) == rnd.derive_seed(3, 1, 2, 0, stream=rnd.STREAM_LAYER)
+
+
+def test_name_id_is_stable_and_distinct():
+    names = ["", "0", "a.0", "b.0", "encoder.layers.10.mlp.fc1", "é"]
+    ids = [rnd.name_id(n) for n in names]
+    assert len(set(ids)) == len(ids) and all(0 <= i < 2**63 for i in ids)
+    assert rnd.name_id("a.0") == 5968579018935537426  # the same in every process

@@ -12,11 +12,14 @@ import fnmatch
 import operator
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
 from torch import nn
 
-from randprop.config import MethodConfig, parse_method
+from randprop.config import METHODS, MethodConfig, parse_method
 from randprop.methods.base import RandomizedLayer
+from randprop.methods.exact import Exact
 from randprop.methods.masks import MASKED
+from randprop.random import name_id
 
 MethodSpec = MethodConfig | str | Mapping[str, MethodConfig | str]
 
@@ -70,6 +73,7 @@ def convert(
     target_modules: str | Sequence[str] | None = None,
     seed: int = 0,
     activation_masks: bool = True,
+    prefix: str = "",
 ) -> ConversionReport:
     """Convert the eligible layers of ``model`` in place and report what was done.
 
@@ -78,9 +82,19 @@ def convert(
     module_filter_fn(module, name) -> bool: convert only where it returns True (as in torchao).
     target_modules: fnmatch patterns of module names to convert (as in PEFT); a single string
         is one pattern.
-    seed: run seed of every random draw (with layer index, step and rank): an int.
+    seed: run seed of every random draw (with layer id, step and rank): an int.
     activation_masks: swap ReLU / LeakyReLU for their exact 1-bit-mask versions under
         memory-saving methods.
+    prefix: the qualified name of ``model`` inside a larger model, when converting a part of it.
+
+    Layer ids: a layer's draws depend on (seed, id, step, rank), with id the stable 63-bit hash
+    :func:`randprop.random.name_id` of the layer's qualified name ``prefix + "." + name``. So
+    the ids do not depend on which layers a call converts, and converting ``model.a`` with
+    ``prefix="a"`` and ``model.b`` with ``prefix="b"`` gives every layer the id it gets when the
+    whole model is converted at once. Without a prefix, two submodules converted on their own
+    whose layers have the same relative names (e.g. two copies of one block) draw the same
+    patterns: pass the prefix, or convert the whole model with ``target_modules`` or a dict of
+    methods. Names in the report (and ``target_modules`` patterns) are relative to ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
@@ -103,8 +117,10 @@ def convert(
             parse_method(spec)  # fail early on a bad entry
     else:
         method = parse_method(method)
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str (a module name); got {type(prefix).__name__}")
+    _refuse_rules(model)
     report = ConversionReport()
-    layer_index = 0
     for name, module in model.named_modules():
         if not _is_candidate(module):
             continue
@@ -132,9 +148,9 @@ def convert(
         module.__class__ = new_class
         module.rp_original_class = original
         if isinstance(module, RandomizedLayer):
-            module.rp_method, module.rp_seed, module.rp_layer = cfg, seed, layer_index
+            full = ".".join(filter(None, (prefix, name)))
+            module.rp_method, module.rp_seed, module.rp_layer = cfg, seed, name_id(full)
             module.rp_step = 0
-            layer_index += 1
         report.converted.append(name)
         report.methods[name] = (
             str(cfg) if isinstance(module, RandomizedLayer) else getattr(module, "rp_storage", "")
@@ -174,16 +190,65 @@ def _target_class(
         if not activation_masks:
             return None, "activation_masks=False"
         return MASKED[kind], ""
+    if isinstance(cfg, Exact):
+        return None, "exact: kept as plain PyTorch"
     new_class = cfg.layer_class(kind)
     if new_class is not None:
-        # a layer class may refuse some settings of the module: rp_unsupported(module) -> reason
-        unsupported = getattr(new_class, "rp_unsupported", None)
-        reason = unsupported(module) if unsupported is not None else None
-        return (None, reason) if reason else (new_class, "")
+        return _target_class_of(module, new_class)
     base = next((b for b in kind.__mro__[1:] if cfg.layer_class(b) is not None), None)
-    if base is not None:
+    if base is None:
+        return None, f"{cfg.name} does not support {kind.__name__}; kept exact"
+    if kind is nn.modules.linear.NonDynamicallyQuantizableLinear:
+        return None, "MultiheadAttention uses this Linear's weight directly; kept exact"
+    if kind.forward is not base.forward:
         return None, f"subclass of {base.__name__} with its own forward; kept exact"
-    return None, f"{cfg.name} does not support {kind.__name__}; kept exact"
+    new_class, reason = _target_class_of(module, cfg.layer_class(base))
+    return (None, reason) if new_class is None else (combined_class(new_class, kind), "")
+
+
+def _target_class_of(module: nn.Module, new_class: type) -> tuple[type | None, str]:
+    # a layer class may refuse some settings of the module: rp_unsupported(module) -> reason
+    unsupported = getattr(new_class, "rp_unsupported", None)
+    reason = unsupported(module) if unsupported is not None else None
+    return (None, reason) if reason else (new_class, "")
+
+
+_COMBINED: dict[tuple[type, type], type] = {}
+
+
+def combined_class(layer_class: type, subclass: type) -> type:
+    """The randprop ``layer_class`` mixed into a user's subclass of the layer it replaces (one
+    that does not override forward): the converted layer stays an instance of ``subclass``.
+    Created once per pair; its instances pickle as (layer_class, subclass)."""
+    key = (layer_class, subclass)
+    if key not in _COMBINED:
+        attrs = {"__module__": subclass.__module__, "__reduce_ex__": _reduce_combined}
+        _COMBINED[key] = type(f"{layer_class.__name__}_{subclass.__name__}", key, attrs)
+    return _COMBINED[key]
+
+
+def new_combined(layer_class: type, subclass: type) -> nn.Module:
+    """Unpickling helper: an empty instance of :func:`combined_class` (state set by pickle)."""
+    cls = combined_class(layer_class, subclass)
+    return cls.__new__(cls)
+
+
+def _reduce_combined(self: nn.Module, protocol: int):
+    layer_class, subclass = type(self).__bases__
+    return new_combined, (layer_class, subclass), self.__getstate__()
+
+
+def _refuse_rules(model: nn.Module) -> None:
+    """A learning rule that swapped layer classes (FA: ``rp_rule``) owns their backward pass."""
+    ruled = {
+        name or "<root>": m.rp_rule for name, m in model.named_modules() if hasattr(m, "rp_rule")
+    }
+    if ruled:
+        raise ValueError(
+            f"layers {', '.join(ruled)} are under the learning rule "
+            f"{', '.join(sorted(set(ruled.values())))}, which replaces their backward pass; "
+            "call the rule's .remove() before rp.convert"
+        )
 
 
 def restore(model: nn.Module) -> list[str]:
@@ -205,13 +270,49 @@ def restore(model: nn.Module) -> list[str]:
     return restored
 
 
-def method_state(model: nn.Module) -> dict[str, int]:
-    """The step counters of the converted layers (the part of the seed stream to checkpoint)."""
-    return {n: m.rp_step for n, m in model.named_modules() if isinstance(m, RandomizedLayer)}
+LayerMethodState = int | dict[str, int | torch.Tensor]
 
 
-def load_method_state(model: nn.Module, state: Mapping[str, int]) -> None:
-    """Restore the step counters saved by :func:`method_state`."""
+def method_state(model: nn.Module) -> dict[str, LayerMethodState]:
+    """What the converted layers hold beyond the state_dict, to checkpoint beside it: per layer
+    its step counter (the position in its seed stream), or for a layer with estimator state
+    (AOP memory, CRS estimate) a dict {"step": counter, buffer name: copy of the buffer}."""
+    state: dict[str, LayerMethodState] = {}
     for name, module in model.named_modules():
-        if isinstance(module, RandomizedLayer) and name in state:
-            module.rp_step = int(state[name])
+        if isinstance(module, RandomizedLayer):
+            layer_state = getattr(module, "rp_state", None)
+            step = module.rp_step
+            state[name] = step if layer_state is None else {"step": step, **layer_state()}
+    return state
+
+
+def load_method_state(model: nn.Module, state: Mapping[str, LayerMethodState]) -> None:
+    """Restore what :func:`method_state` saved (call it after ``load_state_dict``, which resets
+    the estimator state)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, RandomizedLayer) or name not in state:
+            continue
+        entry = state[name]
+        if isinstance(entry, Mapping):
+            module.rp_step = int(entry["step"])
+            if hasattr(module, "rp_load_state"):
+                module.rp_load_state({k: v for k, v in entry.items() if k != "step"})
+        else:
+            module.rp_step = int(entry)
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
+def safe_globals() -> list:
+    """randprop's classes in a pickled converted model: method configs, layer classes and the
+    unpickling helper of combined classes. Registered with torch.serialization.add_safe_globals
+    on import, so ``torch.load(path)`` (weights_only=True) reads a whole converted model
+    whenever it would read the plain one (for which PyTorch needs the model's own classes
+    allowed, e.g. with ``torch.serialization.safe_globals``); a state_dict needs nothing."""
+    layers = [c for c in _subclasses(RandomizedLayer) if c not in _COMBINED.values()]
+    return [*METHODS.values(), *layers, *MASKED.values(), new_combined]
+
+
+torch.serialization.add_safe_globals(safe_globals())

@@ -1,8 +1,8 @@
 """The only place randprop draws random numbers.
 
-Every draw comes from a dedicated ``torch.Generator`` seeded from (run seed, layer, step, rank), so
-the global RNG is never advanced and a run is bitwise repeatable. Autograd Functions save the
-integer seed, not the random tensor, and regenerate the same draw in backward.
+Every draw comes from a dedicated ``torch.Generator`` seeded from (stream, run seed, layer, step,
+rank), so the global RNG is never advanced and a run is bitwise repeatable. Autograd Functions
+save the integer seed, not the random tensor, and regenerate the same draw in backward.
 """
 
 from __future__ import annotations
@@ -21,11 +21,36 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def derive_seed(seed: int, layer: int = 0, step: int = 0, rank: int = 0) -> int:
-    """Hash (seed, layer, step, rank) into an independent 63-bit seed (SplitMix64 chain)."""
+#: Streams of :func:`derive_seed`: each kind of draw hashes its own tag, so the seeds of the
+#: converted layers, the data order, model initialisation, validation split and the feedback
+#: matrices of the learning rules never coincide, whatever their other arguments.
+STREAM_LAYER = 0
+STREAM_DATA = 1
+STREAM_INIT = 2
+STREAM_SPLIT = 3
+STREAM_FA = 4
+STREAM_DFA = 5
+STREAMS = (STREAM_LAYER, STREAM_DATA, STREAM_INIT, STREAM_SPLIT, STREAM_FA, STREAM_DFA)
+
+
+def derive_seed(
+    seed: int, layer: int = 0, step: int = 0, rank: int = 0, stream: int = STREAM_LAYER
+) -> int:
+    """Hash (stream, seed, layer, step, rank) into an independent 63-bit seed (SplitMix64
+    chain); ``stream`` is one of :data:`STREAMS`."""
     h = 0
-    for part in (seed, layer, step, rank):
+    for part in (stream, seed, layer, step, rank):
         h = _splitmix64(h ^ (int(part) & _MASK64))
+    return h >> 1
+
+
+def name_id(name: str) -> int:
+    """A stable 63-bit id of the string ``name``: SplitMix64 over its UTF-8 bytes, 8 at a time
+    (the same in every process and on every platform, unlike ``hash``)."""
+    data = name.encode("utf-8")
+    h = _splitmix64(len(data))
+    for i in range(0, len(data), 8):
+        h = _splitmix64(h ^ int.from_bytes(data[i : i + 8], "little"))
     return h >> 1
 
 
@@ -133,7 +158,11 @@ PROBES = ("gaussian", "rademacher", "orthogonal")
 
 
 def probes(
-    kind: str, shape: tuple[int, int], gen: torch.Generator, device: torch.device, dtype: torch.dtype
+    kind: str,
+    shape: tuple[int, int],
+    gen: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """(r, n) probe matrix whose rows z satisfy E[z z^T] = I: one of :data:`PROBES`."""
     if kind == "gaussian":

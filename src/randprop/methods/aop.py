@@ -30,9 +30,16 @@ features (scores |D[:, j]| |W[j, :]|, no memory); "both" does both.
 
 State. The buffers ``aop_memory_x`` (rows x in_features), ``aop_memory_d`` (rows x
 out_features) and, for the queue, ``aop_memory_count`` are created on the first training
-forward and are persistent: they add these keys to the layer's state_dict, and loading a
-state_dict holding them re-creates them at its shapes. ``reset_memory()`` (or
-``rp.reset_memory(model)``) forgets them; ``rp.restore`` removes them.
+forward. They are not persistent: the state_dict has the plain layer's keys, so it loads into a
+plain model and a plain one loads into a converted model (strict); loading a state_dict replaces
+the weights and resets the memory. ``rp.method_state`` / ``rp.load_method_state`` carry it
+(with the step counters) for an exact resume. ``reset_memory()`` (or ``rp.reset_memory(model)``)
+forgets them; ``rp.restore`` removes them.
+
+The memory is updated only when the weight's gradient is computed: by ``loss.backward()`` or
+``torch.autograd.grad`` with respect to the weight, not by ``torch.autograd.grad(loss, x)``
+(see :class:`WeightNode`). Under no_grad, or when neither the weight nor (for target "input"
+/ "both") the input needs a gradient, the layer is a plain nn.Linear: no seed is drawn.
 
 Batch size. "rows" has one slot per row of the first batch: a batch with fewer rows uses the
 first slots and the other slots wait unchanged; a batch with more rows grows the memory with
@@ -40,7 +47,7 @@ empty slots (changing the buffers' shapes in the state_dict). "queue" takes any 
 capacity is fixed on first use. K = k, or ceil(keep x rows); k larger than a batch's rows is an
 error (drop the last incomplete batch, or use keep).
 
-Gradient accumulation. Memory is updated once per backward pass, so over M micro-batches each
+Gradient accumulation. Memory is updated once per backward pass (and call), so over M micro-batches each
 one sees the rows left by the previous one, an optimizer step applies M K outer products, and for
 the queue the accumulated .grad plus the memory still equals the exact accumulated gradient.
 A backward pass run twice over one graph updates the memory twice.
@@ -49,6 +56,7 @@ A backward pass run twice over one graph updates the memory twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -137,8 +145,11 @@ class AOP(MethodConfig):
 
 
 class LayerState(nn.Module):
-    """Mixin: estimator state in persistent buffers named in ``rp_buffers``, created on first
-    use; loading a state_dict that holds them re-creates them at the loaded shapes."""
+    """Mixin: estimator state in non-persistent buffers named in ``rp_buffers``, created on
+    first use. The state_dict keeps the plain layer's keys; loading one resets the state (the
+    weights it was built on are replaced), except that buffers found in it (as saved before
+    they became non-persistent) are restored. :meth:`rp_state` / :meth:`rp_load_state` carry
+    it for ``rp.method_state``."""
 
     rp_buffers: tuple[str, ...] = ()
 
@@ -152,15 +163,61 @@ class LayerState(nn.Module):
         """Called by rp.restore: a plain layer has no estimator state."""
         self.reset_memory()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def rp_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the state buffers that exist."""
+        return {n: self._buffers[n].detach().clone() for n in self.rp_buffers if n in self._buffers}
+
+    def rp_load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the state by ``state`` (from :meth:`rp_state`), on the weight's device."""
+        self.reset_memory()
         weight = getattr(self, "weight", None)
         for name in self.rp_buffers:
-            value = state_dict.get(prefix + name)
-            current = self._buffers.get(name)
-            if value is not None and (current is None or current.shape != value.shape):
-                device = weight.device if weight is not None else value.device
-                self.register_buffer(name, torch.empty_like(value, device=device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            if name in state:
+                value = state[name].detach().clone()
+                value = value if weight is None else value.to(weight.device)
+                self.register_buffer(name, value, persistent=False)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        keys = {prefix + name: name for name in self.rp_buffers}
+        self.rp_load_state({keys[k]: v for k, v in state_dict.items() if k in keys})
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in keys]
+
+
+class Handoff:
+    """dL/dY of one call, passed by the layer's main backward node to its :class:`WeightNode`."""
+
+    __slots__ = ("grad_out",)
+
+    def __init__(self) -> None:
+        self.grad_out: torch.Tensor | None = None
+
+
+class WeightNode(torch.autograd.Function):
+    """The weight-gradient half of a layer's backward, where the layer state is updated.
+
+    ``WeightNode.apply(weight, handoff, grad_fn, *saved)`` returns a 0-dim token that the main
+    Function takes as an input. Autograd runs this node after the main one (which stores dL/dY
+    in ``handoff`` and sends the token a zero) and only when the weight's gradient is needed in
+    that backward pass: ``grad_fn(grad_out, *saved)`` then gives the weight gradient and commits
+    the state. ``torch.autograd.grad(loss, x)`` never runs it: no state changes.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, handoff: Handoff, grad_fn, *saved):
+        ctx.save_for_backward(*saved)
+        ctx.handoff, ctx.grad_fn = handoff, grad_fn
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        grad_out, ctx.handoff.grad_out = ctx.handoff.grad_out, None
+        grad_w = ctx.grad_fn(grad_out, *ctx.saved_tensors)
+        return grad_w, None, None, *(None for _ in ctx.saved_tensors)
 
 
 class AOPMemory(LayerState):
@@ -183,10 +240,14 @@ def _ensure_memory(
     if cfg.memory == "queue":
         if mem_x is None or "aop_memory_count" not in owner._buffers:
             cap = max(1, math.ceil(cfg.capacity * rows))
-            owner.register_buffer("aop_memory_x", torch.zeros(cap, n, dtype=dtype, device=device))
-            owner.register_buffer("aop_memory_d", torch.zeros(cap, m, dtype=dtype, device=device))
             owner.register_buffer(
-                "aop_memory_count", torch.zeros((), dtype=torch.long, device=device)
+                "aop_memory_x", torch.zeros(cap, n, dtype=dtype, device=device), False
+            )
+            owner.register_buffer(
+                "aop_memory_d", torch.zeros(cap, m, dtype=dtype, device=device), False
+            )
+            owner.register_buffer(
+                "aop_memory_count", torch.zeros((), dtype=torch.long, device=device), False
             )
         return
     if mem_x is None or mem_x.shape[0] < rows:
@@ -194,8 +255,8 @@ def _ensure_memory(
         if mem_x is not None:
             grown[0][: mem_x.shape[0]] = mem_x
             grown[1][: mem_x.shape[0]] = owner.aop_memory_d
-        owner.register_buffer("aop_memory_x", grown[0])
-        owner.register_buffer("aop_memory_d", grown[1])
+        owner.register_buffer("aop_memory_x", grown[0], persistent=False)
+        owner.register_buffer("aop_memory_d", grown[1], persistent=False)
     owner._buffers.pop("aop_memory_count", None)
 
 
@@ -270,34 +331,46 @@ def input_grad(
 
 
 class _AOPLinearFn(torch.autograd.Function):
+    """Forward, input and bias gradients; the weight gradient is its :class:`WeightNode`'s."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, cfg: AOP, seed: int, owner, counts):
-        ctx.save_for_backward(x, weight if ctx.needs_input_grad[0] else None)  # W: for D W only
-        ctx.cfg, ctx.seed, ctx.owner, ctx.counts = cfg, seed, owner, counts
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, weight, bias, token, handoff, cfg: AOP, seed: int, k_features: int):
+        ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None)  # W: for D W only
+        ctx.handoff, ctx.cfg, ctx.seed, ctx.k_features = handoff, cfg, seed, k_features
+        ctx.has_bias, ctx.has_token = bias is not None, token is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        cfg, (k_rows, k_features) = ctx.cfg, ctx.counts
-        d = grad_out.reshape(-1, grad_out.shape[-1])
-        gen = rnd.generator(ctx.seed, d.device)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[1]:
-            rows = x.reshape(-1, x.shape[-1])
-            if cfg.selects_weight:
-                grad_w = weight_grad(rows, d, cfg, k_rows, gen, ctx.owner).to(x.dtype)
-            else:
-                grad_w = d.T @ rows
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_b = token = None
+        if ctx.has_token:
+            ctx.handoff.grad_out = grad_out
+            token = grad_out.new_zeros(())
         if ctx.needs_input_grad[0]:
-            if cfg.selects_input:
-                grad_x = input_grad(d, weight, cfg, k_features, gen).view(x.shape)
+            if ctx.k_features:  # its own draws: a sub-stream of the call's seed
+                gen = rnd.generator(rnd.derive_seed(ctx.seed, step=1), grad_out.device)
+                d = grad_out.reshape(-1, grad_out.shape[-1])
+                grad_x = input_grad(d, weight, ctx.cfg, ctx.k_features, gen).view(
+                    grad_out.shape[:-1] + weight.shape[1:]
+                )
             else:
-                grad_x = (grad_out @ weight).view(x.shape)
+                grad_x = grad_out @ weight
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = d.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_b, token, None, None, None, None
+
+
+def _weight_grad(
+    cfg: AOP, seed: int, k_rows: int, owner, grad_out: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """The weight gradient of one call (run by its WeightNode): AOP's estimate, updating
+    ``owner``'s memory, or the exact D^T X when only the input gradient is approximated."""
+    d, rows = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+    if not k_rows:
+        return d.T @ rows
+    gen = rnd.generator(seed, d.device)
+    return weight_grad(rows, d, cfg, k_rows, gen, owner).to(grad_out.dtype)
 
 
 def aop_linear(
@@ -311,18 +384,22 @@ def aop_linear(
     """F.linear with Mem-AOP-GD gradients drawn with ``seed``.
 
     memory: the module holding the memory buffers (an :class:`AOPMemory`, or the layer itself);
-    required unless cfg.memory is "off" or cfg.target is "input".
+    required unless cfg.memory is "off" or cfg.target is "input". Under no_grad, or when
+    neither the weight nor (for target "input" / "both") ``x`` needs a gradient, this is F.linear.
     """
     state_dtype = weight.dtype
     x, weight, bias = autocast_inputs(x, weight, bias)
+    if not _active(cfg, x, weight):
+        return F.linear(x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:  # no outer products: the plain op is exact
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    counts = (0, 0)
-    if torch.is_grad_enabled():
-        k_rows = cfg.count(rows) if cfg.selects_weight and weight.requires_grad else 0
-        k_features = cfg.count(weight.shape[0], "output features") if cfg.selects_input else 0
-        counts = (k_rows, k_features)
+    k_features = 0
+    if cfg.selects_input and x.requires_grad:
+        k_features = cfg.count(weight.shape[0], "output features")
+    token = handoff = None
+    if weight.requires_grad:
+        k_rows = cfg.count(rows) if cfg.selects_weight else 0
         if k_rows and cfg.memory != "off":
             if memory is None:
                 raise ValueError(
@@ -331,15 +408,27 @@ def aop_linear(
                 )
             shape = (weight.shape[1], weight.shape[0])
             _ensure_memory(memory, cfg, rows, shape, state_dtype, weight.device)
-    return _AOPLinearFn.apply(x, weight, bias, cfg, seed, memory, counts)
+        handoff = Handoff()
+        grad_fn = functools.partial(_weight_grad, cfg, seed, k_rows, memory)
+        token = WeightNode.apply(weight, handoff, grad_fn, x.detach())
+    return _AOPLinearFn.apply(x, weight, bias, token, handoff, cfg, seed, k_features)
+
+
+def _active(cfg: AOP, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a gradient AOP estimates (or whose memory it updates) may be needed."""
+    wanted = weight.requires_grad or (cfg.selects_input and x.requires_grad)
+    return torch.is_grad_enabled() and wanted
 
 
 class AOPLinear(LayerState, RandomizedLayer, nn.Linear):
-    """nn.Linear with Mem-AOP-GD gradients; its memory buffers are part of its state_dict."""
+    """nn.Linear with Mem-AOP-GD gradients; its memory buffers are layer state, out of the
+    state_dict (see the module docstring)."""
 
     rp_buffers = AOPMemory.rp_buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _active(self.rp_method, x, self.weight):
+            return F.linear(x, self.weight, self.bias)
         return aop_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed(), self)
 
 

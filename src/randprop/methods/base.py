@@ -19,8 +19,14 @@ if TYPE_CHECKING:
 class RandomizedLayer(nn.Module):
     """Mixin of converted layers; ``convert`` swaps a layer's class and sets these attributes.
 
-    The layer keeps its parameters and state_dict keys. Each forward call draws a fresh seed
-    ``derive_seed(rp_seed, rp_layer, rp_step, rank)`` and advances ``rp_step``.
+    The layer keeps its parameters and state_dict keys. A forward call whose gradient the
+    method estimates may be needed (grad enabled and the weight requires grad; SparseVJP and
+    AOP's input target: also when only the input does) draws a fresh seed
+    ``derive_seed(rp_seed, rp_layer, rp_step, rank)`` and advances ``rp_step``; any other call
+    (no_grad, inference_mode, a frozen weight) is the plain layer: no seed drawn, nothing
+    extra stored. Train / eval mode plays no part: eval() with grad enabled (fine-tuning with
+    frozen batch-norm statistics, saliency maps) still estimates. ``rp_layer`` is the stable
+    hash of the layer's qualified name (see ``rp.convert``).
     """
 
     rp_method: MethodConfig
@@ -47,8 +53,8 @@ class RandomizedLayer(nn.Module):
         return seed
 
     def rp_needs_weight_grad(self) -> bool:
-        """False in eval / no_grad or for a frozen weight: then the plain forward runs, no seed
-        is drawn and nothing random is stored."""
+        """False under no_grad or for a frozen weight (whatever the train / eval mode): then
+        the plain forward runs, no seed is drawn and nothing random is stored."""
         return torch.is_grad_enabled() and self.weight.requires_grad
 
     def extra_repr(self) -> str:

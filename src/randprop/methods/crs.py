@@ -7,7 +7,8 @@ dimensions after the first, e.g. the tokens of a (B, T, n) input; a single value
 where the scores reduce to |x_i|). With K = ceil(keep x N):
 
 - winners: the W highest-score rows, W >= floor(winners x K) and just large enough that no
-  probability below exceeds 1; they are kept with weight 1;
+  probability below exceeds 1; they are kept with weight 1 (W < K: with winners in [0, 1) at
+  least one row is sampled; a top-K without sampled rows would be biased);
 - the other K - W rows are drawn without replacement from the rest R with inclusion
   probabilities p_i = (K - W) s_i / sum_R s (systematic sampling), each weighted by 1 / p_i.
 
@@ -15,17 +16,21 @@ So dW_hat = sum_winners d_i x_i^T + sum_sampled d_i x_i^T / p_i and E[dW_hat | h
 K chosen rows of X are stored (with their indices and weights), about keep x the bytes of X, and
 the weight gradient is one GEMM over those K rows. Forward, input and bias gradients are exact.
 
-The estimate h is the persistent buffer ``crs_grad_norm`` (one value per position, added to the
-layer's state_dict on the first training forward): an exponential moving average, with
-``momentum``, of the batch mean of |d_i| per position, updated in backward. Until the first
-backward it is zero and the scores are |x_i|; it is floored at 1% of its mean, so that a stale
-estimate never makes a probability vanish. A batch whose positions have another shape resets it.
-``reset_memory()`` forgets it; ``rp.restore`` removes it.
+The estimate h is the buffer ``crs_grad_norm`` (one value per position, created on the first
+training forward): an exponential moving average, with ``momentum``, of the batch mean of |d_i|
+per position, updated when the weight's gradient is computed (``loss.backward()``, not
+``torch.autograd.grad(loss, x)``). Until the first update it is zero and the scores are |x_i|;
+it is floored at 1% of its mean, so that a stale estimate never makes a probability vanish. A
+batch whose positions have another shape resets it. It is layer state out of the state_dict
+(which keeps the plain layer's keys; loading one resets it), carried by ``rp.method_state``.
+``reset_memory()`` forgets it; ``rp.restore`` removes it. Under no_grad or for a frozen weight
+the layer is a plain nn.Linear: no seed is drawn, nothing is stored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -34,7 +39,7 @@ from torch import nn
 
 from randprop import random as rnd
 from randprop.config import MethodConfig, check_fraction, register
-from randprop.methods.aop import LayerState
+from randprop.methods.aop import Handoff, LayerState, WeightNode
 from randprop.methods.base import RandomizedLayer, autocast_inputs
 
 
@@ -44,7 +49,7 @@ class CRS(MethodConfig):
     """Unbiased column-row sampling: store K = keep x N rows of X, winners kept exactly.
 
     keep: fraction of rows stored, in (0, 1].
-    winners: least fraction of the K rows kept deterministically (highest scores), in [0, 1].
+    winners: least fraction of the K rows kept deterministically (highest scores), in [0, 1).
     momentum: of the running estimate of output-gradient norms, in [0, 1).
     """
 
@@ -55,13 +60,13 @@ class CRS(MethodConfig):
 
     def __post_init__(self) -> None:
         check_fraction("crs", "keep", self.keep)
-        for field, value, top in (
-            ("winners", self.winners, "1]"),
-            ("momentum", self.momentum, "1)"),
+        for field, value, why in (
+            ("winners", self.winners, " (1 keeps only the top K rows: a biased estimate)"),
+            ("momentum", self.momentum, ""),
         ):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok or not (0 <= value <= 1 if top == "1]" else 0 <= value < 1):
-                raise ValueError(f"crs: {field} must be a number in [0, {top}; got {value!r}")
+            if not ok or not 0 <= value < 1:
+                raise ValueError(f"crs: {field} must be a number in [0, 1){why}; got {value!r}")
 
     def layer_class(self, module_type: type) -> type | None:
         return CRSLinear if module_type is nn.Linear else None
@@ -112,46 +117,59 @@ def _estimate(state: nn.Module | None, positions: int, device) -> torch.Tensor |
     h = state._buffers.get("crs_grad_norm")
     if h is None or h.numel() != positions:
         h = torch.zeros(positions, device=device)
-        state.register_buffer("crs_grad_norm", h)
+        state.register_buffer("crs_grad_norm", h, persistent=False)
     return h
 
 
+@torch.no_grad()
+def _sample(x: torch.Tensor, cfg: CRS, seed: int, estimate: torch.Tensor | None):
+    """(stored rows, indices, weights): the K rows of ``x`` kept for the weight gradient."""
+    rows = x.reshape(-1, x.shape[-1])
+    n_rows, positions = rows.shape[0], _positions(x.shape)
+    if estimate is None:
+        h = torch.ones(positions, device=x.device)
+    else:
+        floor = 0.01 * estimate.mean()
+        h = torch.where(floor > 0, estimate.clamp_min(floor), torch.ones_like(estimate))
+    scores = rows.float().norm(dim=1) * h.repeat(n_rows // positions)
+    k = rnd.kept_count(n_rows, cfg.keep)
+    winners = min(math.floor(cfg.winners * k + 1e-9), k - 1)  # at least one sampled row
+    idx, weights = choose_rows(scores, k, winners, rnd.generator(seed, x.device))
+    return rows.index_select(0, idx), idx, weights
+
+
+def _weight_grad(
+    cfg: CRS, estimate: torch.Tensor | None, positions: int, grad_out, stored, idx, weights
+) -> torch.Tensor:
+    """The weight gradient over the stored rows (run by the call's WeightNode); updates the
+    running estimate of the output-gradient norms."""
+    d = grad_out.reshape(-1, grad_out.shape[-1])
+    if estimate is not None:
+        norms = d.detach().float().norm(dim=1).view(-1, positions).mean(0)
+        m = cfg.momentum
+        estimate.copy_(torch.where(estimate == 0, norms, m * estimate + (1 - m) * norms))
+    return (d.index_select(0, idx) * weights.to(d.dtype)[:, None]).T @ stored
+
+
 class _CRSLinearFn(torch.autograd.Function):
+    """Forward, input and bias gradients; the weight gradient is its WeightNode's."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, cfg: CRS, seed: int, estimate):
-        rows = x.reshape(-1, x.shape[-1])
-        n_rows, positions = rows.shape[0], _positions(x.shape)
-        if estimate is None:
-            h = torch.ones(positions, device=x.device)
-        else:
-            floor = 0.01 * estimate.mean()
-            h = torch.where(floor > 0, estimate.clamp_min(floor), torch.ones_like(estimate))
-        scores = rows.detach().float().norm(dim=1) * h.repeat(n_rows // positions)
-        k = rnd.kept_count(n_rows, cfg.keep)
-        gen = rnd.generator(seed, x.device)
-        idx, weights = choose_rows(scores, k, math.floor(cfg.winners * k + 1e-9), gen)
-        kept_weight = weight if ctx.needs_input_grad[0] else None  # read by D W only
-        ctx.save_for_backward(rows.index_select(0, idx), idx, weights, kept_weight)
-        ctx.cfg, ctx.estimate, ctx.positions = cfg, estimate, positions
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+    def forward(ctx, x, weight, bias, token, handoff: Handoff):
+        ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None)  # read by D W only
+        ctx.handoff, ctx.has_bias = handoff, bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        stored, idx, weights, weight = ctx.saved_tensors
-        d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_w = grad_b = None
+        (weight,) = ctx.saved_tensors
+        ctx.handoff.grad_out = grad_out
+        grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = (d.index_select(0, idx) * weights.to(d.dtype)[:, None]).T @ stored
+            grad_x = grad_out @ weight
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = d.sum(0)
-        if ctx.estimate is not None:
-            norms = d.detach().float().norm(dim=1).view(-1, ctx.positions).mean(0)
-            h, m = ctx.estimate, ctx.cfg.momentum
-            h.copy_(torch.where(h == 0, norms, m * h + (1 - m) * norms))
-        return grad_x, grad_w, grad_b, None, None, None
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_b, grad_out.new_zeros(()), None
 
 
 def crs_linear(
@@ -165,15 +183,20 @@ def crs_linear(
     """F.linear whose weight gradient comes from K = keep x N rows of ``x`` sampled with ``seed``.
 
     state: the module holding the running gradient-norm estimate (a :class:`CRSState`, or the
-    layer itself); without it the rows are scored by |x_i| alone.
+    layer itself); without it the rows are scored by |x_i| alone. Under no_grad or when the
+    weight needs no gradient this is F.linear.
     """
     x, weight, bias = autocast_inputs(x, weight, bias)
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.linear(x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:  # nothing to sample: the plain op is exact
         return F.linear(x, weight, bias)
-    estimate = _estimate(state, _positions(x.shape), weight.device)
-    return _CRSLinearFn.apply(x, weight, bias, cfg, seed, estimate)
+    positions = _positions(x.shape)
+    estimate = _estimate(state, positions, weight.device)
+    handoff = Handoff()
+    grad_fn = functools.partial(_weight_grad, cfg, estimate, positions)
+    token = WeightNode.apply(weight, handoff, grad_fn, *_sample(x.detach(), cfg, seed, estimate))
+    return _CRSLinearFn.apply(x, weight, bias, token, handoff)
 
 
 class CRSLinear(LayerState, RandomizedLayer, nn.Linear):
@@ -182,4 +205,6 @@ class CRSLinear(LayerState, RandomizedLayer, nn.Linear):
     rp_buffers = CRSState.rp_buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rp_needs_weight_grad():
+            return F.linear(x, self.weight, self.bias)
         return crs_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed(), self)

@@ -18,11 +18,6 @@ from torch.nn.modules.conv import _ConvNd
 
 from randprop import random as rnd
 
-# Stream tags keeping FA's and DFA's matrices independent (derive_seed's ``step`` slot). The rank
-# is always 0: feedback matrices must be identical on every data-parallel worker.
-FA_STREAM = 1
-DFA_STREAM = 2
-
 
 def he_normal(
     shape: tuple[int, ...], fan_in: int, seed: int, device: torch.device, dtype: torch.dtype
@@ -47,7 +42,8 @@ class FeedbackMatrices:
     def get(self, index: int, m: int, k: int, device: torch.device) -> torch.Tensor:
         key = (index, m, k, device)
         if key not in self._cache:
-            seed = rnd.derive_seed(self.seed, index, DFA_STREAM)
+            # rank 0: the feedback matrices are identical on every data-parallel worker
+            seed = rnd.derive_seed(self.seed, index, stream=rnd.STREAM_DFA)
             self._cache[key] = he_normal((m, k), k, seed, device, torch.float32)
         return self._cache[key]
 

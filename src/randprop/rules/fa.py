@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.methods.base import autocast_inputs
-from randprop.rules._core import FA_STREAM, he_normal
+from randprop.methods.base import RandomizedLayer, autocast_inputs
+from randprop.rules._core import he_normal
 from randprop.train.learning_rules import LossFn, register_rule
 
 
 class _FAMixin(nn.Module):
+    rp_rule = "rp.rules.FA"  # rp.convert refuses layers under a rule
     rp_fa_seed: int
     rp_fa_feedback: torch.Tensor | None  # the stored B, or None to regenerate it
 
@@ -147,6 +148,14 @@ class FA:
         self.skipped: dict[str, str] = {}
         self.feedback: dict[str, torch.Tensor] = {}
         self._swapped: list[tuple[nn.Module, type]] = []
+        converted = [
+            n or "<root>" for n, m in model.named_modules() if isinstance(m, RandomizedLayer)
+        ]
+        if converted:
+            raise ValueError(
+                f"layers {', '.join(converted)} were converted by rp.convert; FA replaces their "
+                "backward pass too: call rp.restore(model) before rp.rules.FA"
+            )
         for name, module in model.named_modules():
             cls = _LAYERS.get(type(module))
             if cls is None:
@@ -155,7 +164,7 @@ class FA:
                 self.skipped[name] = reason
                 continue
             self._swapped.append((module, type(module)))
-            module.rp_fa_seed = rnd.derive_seed(seed, len(self.layers), FA_STREAM)
+            module.rp_fa_seed = rnd.derive_seed(seed, len(self.layers), stream=rnd.STREAM_FA)
             module.rp_fa_feedback = None
             module.__class__ = cls
             if store:

@@ -27,7 +27,7 @@ from randprop.convert import load_method_state, method_state
 from randprop.data import Splits, load_dataset
 from randprop.measure.profile import peak_process_bytes
 from randprop.models.registry import MODELS, build_model
-from randprop.random import derive_seed, generator
+from randprop.random import STREAM_DATA, STREAM_INIT, derive_seed, generator
 from randprop.train.baselines import install, matched_batch, measure_step, saved_bytes_of
 from randprop.train.checkpoint import (
     CHECKPOINT,
@@ -38,7 +38,6 @@ from randprop.train.checkpoint import (
 )
 from randprop.train.config import TrainConfig
 
-DATA_STREAM, MODEL_STREAM = 0xDA7A, 0x30DE1  # seed salts of the data order and model init
 RESUME_KEYS = ("model", "data", "method", "match_memory_of", "seed", "batch")
 Callback = Callable[[int, float], None]
 
@@ -53,7 +52,7 @@ def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def build_seeded(name: str, seed: int) -> nn.Module:
     """``build_model(name)`` initialised from ``seed`` (the global RNG is restored afterwards)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, MODEL_STREAM))
+        torch.manual_seed(derive_seed(seed, stream=STREAM_INIT))
         return build_model(name)
 
 
@@ -61,7 +60,7 @@ def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
     """Indices of the batch at ``step``: reshuffled every epoch, the last partial batch dropped."""
     per_epoch = max(n // batch, 1)
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=generator(derive_seed(seed, DATA_STREAM, epoch)))
+    perm = torch.randperm(n, generator=generator(derive_seed(seed, step=epoch, stream=STREAM_DATA)))
     return perm[i * batch : (i + 1) * batch]
 
 
