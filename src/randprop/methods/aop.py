@@ -216,8 +216,8 @@ class WeightNode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _):
         grad_out, ctx.handoff.grad_out = ctx.handoff.grad_out, None
-        grad_w = ctx.grad_fn(grad_out, *ctx.saved_tensors)
-        return grad_w, None, None, *(None for _ in ctx.saved_tensors)
+        saved = ctx.saved_tensors  # unpacked once (a checkpoint recompute allows no second)
+        return ctx.grad_fn(grad_out, *saved), None, None, *(None for _ in saved)
 
 
 class AOPMemory(LayerState):
