@@ -104,3 +104,23 @@ def test_cli_memory_check_list(capsys):
 def test_cli_bad_input_gives_clear_error(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("with_model", [True, False])
+def test_track_saved_counts_an_input_that_requires_grad(with_model):
+    layer = nn.Linear(10, 4)
+    x = torch.randn(6, 10).requires_grad_()  # a leaf, as in adversarial training or a PINN
+    with rp.track_saved(layer if with_model else None) as saved:
+        layer(x).sum().backward()
+    assert saved.total == x.numel() * 4  # the input; the weight (a parameter) is not counted
+
+
+def test_track_saved_excludes_exactly_the_models_parameters_and_buffers():
+    bn, x = nn.BatchNorm1d(10), torch.randn(6, 10).requires_grad_()
+    stats = 2 * 10 * 4  # saved batch mean and inverse std
+    with rp.track_saved(bn) as saved:
+        bn(x).sum().backward()
+    assert saved.total == x.numel() * 4 + stats  # running mean and var are buffers
+    with rp.track_saved() as saved:  # no model: only nn.Parameter instances are known as state
+        bn(x).sum().backward()
+    assert saved.total == x.numel() * 4 + stats + 2 * 10 * 4

@@ -80,7 +80,7 @@ class _Checkpointed:
     def __call__(self, *args, **kwargs):
         if self.log is not None and torch.is_grad_enabled():
             detached = [a.detach().requires_grad_() if _float(a) else a for a in args]
-            with track_saved() as saved:  # leaf inputs are excluded: counted in in_bytes
+            with track_saved(exclude=[a for a in detached if _float(a)]) as saved:  # in in_bytes
                 self.fn(*detached, **kwargs)
             storages = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for a in args if _float(a)}  # fmt: skip
             self.log.append((sum(storages.values()), saved.bytes))
