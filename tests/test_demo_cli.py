@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from randprop.cli import main
 
 CONTRACT = ("method", "model", "data", "batch", "steps", "seed", "test_accuracy", "train_loss",
@@ -53,3 +55,39 @@ def test_demo_writes_table_report_and_plot(tmp_path, capsys):
     assert rad["saved_bytes"] < exact["saved_bytes"] / 4  # keep 0.1 plus 1-bit masks
     assert small["saved_bytes"] <= rad["saved_bytes"] and small["batch"] < exact["batch"]
     assert ckpt["saved_bytes"] < exact["saved_bytes"]
+
+
+def test_train_out_below_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    args = ["train", "--steps", "1", "--out", str(tmp_path / "file" / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lies below the file" in err and "Traceback" not in err
+
+
+def test_train_with_a_method_that_converts_nothing_is_one_line(tmp_path, capsys):
+    assert main(["train", "--method", "trace", "--steps", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'trace' converts no layer of model 'mlp'" in err
+
+
+@pytest.mark.parametrize(
+    "argv, flag, low",
+    [
+        (["memory", "--batch", "0"], "--batch", 1),
+        (["check", "--batch", "-3"], "--batch", 1),
+        (["check", "--draws", "1"], "--draws", 2),
+        (["train", "--batch", "0"], "--batch", 1),
+        (["train", "--steps", "0"], "--steps", 1),
+        (["train", "--log-every", "-1"], "--log-every", 0),
+        (["train", "--threads", "two"], "--threads", 0),
+        (["demo", "--steps", "0"], "--steps", 1),
+    ],
+)
+def test_integer_flags_out_of_range_name_the_flag_and_range(argv, flag, low, tmp_path, capsys):
+    if argv[0] == "train":
+        argv = [*argv, "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be an integer >= {low}" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from torch import nn
 
 import randprop as rp
 from randprop.cli import main
+from randprop.measure.peak import peak_memory, track_peak
 from randprop.measure.profile import saved_for_backward
 from randprop.models import build_model
 
@@ -104,3 +105,61 @@ def test_cli_memory_check_list(capsys):
 def test_cli_bad_input_gives_clear_error(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("with_model", [True, False])
+def test_track_saved_counts_an_input_that_requires_grad(with_model):
+    layer = nn.Linear(10, 4)
+    x = torch.randn(6, 10).requires_grad_()  # a leaf, as in adversarial training or a PINN
+    with rp.track_saved(layer if with_model else None) as saved:
+        layer(x).sum().backward()
+    assert saved.total == x.numel() * 4  # the input; the weight (a parameter) is not counted
+
+
+def test_track_saved_excludes_exactly_the_models_parameters_and_buffers():
+    bn, x = nn.BatchNorm1d(10), torch.randn(6, 10).requires_grad_()
+    stats = 2 * 10 * 4  # saved batch mean and inverse std
+    with rp.track_saved(bn) as saved:
+        bn(x).sum().backward()
+    assert saved.total == x.numel() * 4 + stats  # running mean and var are buffers
+    with rp.track_saved() as saved:  # no model: only nn.Parameter instances are known as state
+        bn(x).sum().backward()
+    assert saved.total == x.numel() * 4 + stats + 2 * 10 * 4
+
+
+MB = 2**20
+
+
+def test_track_peak_counts_a_known_allocation():
+    held = torch.zeros(MB // 4)  # 1 MB held at entry
+    outside = torch.zeros(8 * MB // 4)  # alive but not held: not counted (as a dataset)
+    with track_peak([held]) as peak:
+        a = torch.empty(4 * MB // 4)
+        a.add_(1)  # in place: the same storage
+        view = a[: MB // 4]  # a view: the same storage
+        del a, view
+        b = torch.empty(2 * MB // 4)
+    assert peak.bytes == 5 * MB
+    assert peak.current == 3 * MB
+    del b, outside
+
+
+def test_track_peak_sees_backward_and_what_autograd_saves():
+    w = torch.randn(MB // 4, requires_grad=True)  # 1 MB parameter
+    with track_peak([w]) as peak:
+        y = w.exp()  # 1 MB output, saved for backward
+        y.sum().backward()  # a 4-byte unit gradient expanded (a view), grad w (1 MB)
+    assert peak.bytes == 3 * MB + 8  # w, y (saved) and w.grad at once; the loss and its grad
+    with track_peak([w, w.grad]) as again:
+        w.grad = None
+        z = torch.empty(MB // 4)  # w.grad's storage is freed before this allocation
+    assert again.bytes == 2 * MB
+    del z
+
+
+def test_peak_memory_reports_the_tracker_on_cpu():
+    held = torch.zeros(4)
+    with peak_memory("cpu", [held, torch.zeros(8)]) as peak:  # the second dies at once
+        assert peak.bytes is None  # not yet measured
+        torch.empty(MB // 4)
+    assert peak.bytes == MB + 16

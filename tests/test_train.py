@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,6 +11,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from randprop.convert import convert as rp_convert
+from randprop.convert import method_state
 from randprop.data import Splits, load_dataset
 from randprop.models import build_model
 from randprop.train import LEARNING_RULES, Backprop, TrainConfig, register_rule, train
@@ -277,3 +280,96 @@ def test_rad_models_shapes_and_parameter_counts():
     assert count(cifar_net) == convs + 2 * 16 * 25 + 2048 * 10 + 10  # 3 input channels, fc 2048
     assert mnist_net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert cifar_net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+class _SaveExtra(torch.autograd.Function):
+    """Identity that saves ``n`` extra floats for backward (allocated in forward)."""
+
+    @staticmethod
+    def forward(ctx, h, n):
+        ctx.save_for_backward(torch.zeros(n))
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def _extra_saving_rule(n: int):
+    def factory(model, loss_fn, seed):
+        model[0].register_forward_hook(lambda module, args, out: _SaveExtra.apply(out, n))
+        return Backprop(model, loss_fn, seed)
+
+    return factory
+
+
+def test_peak_bytes_differ_by_the_saved_bytes_they_differ_in(tmp_path, small):
+    """Two runs differing only in what autograd saves (an extra 1 MB kept from the first layer's
+    output until just before its backward): summary peak_bytes differ by it within 1%. A conv
+    net (activations far above parameters and gradients) and SGD without momentum (the step
+    allocates nothing): the peak is where the saved tensors are all held, in both runs."""
+    n = 2**18  # 1 MiB of float32
+    x, y = small.train.tensors
+    bigger = dataclasses.replace(small, train=TensorDataset(x.repeat(4, 1, 1, 1), y.repeat(4)))
+    summaries = {}
+    for extra, splits in ((0, small), (n, small), ("0-big", bigger)):
+        register_rule(f"test-extra-{extra}")(_extra_saving_rule(n if extra == n else 0))
+        try:
+            kw = dict(model="cnn", method=f"test-extra-{extra}", steps=4, optimizer="sgd")
+            summaries[extra] = train(cfg(tmp_path, str(extra), **kw), splits=splits)
+        finally:
+            del LEARNING_RULES[f"test-extra-{extra}"]
+    base, more = summaries[0], summaries[n]
+    assert more["saved_bytes"] - base["saved_bytes"] == 4 * n
+    assert more["peak_bytes"] - base["peak_bytes"] == pytest.approx(4 * n, rel=0.01)
+    held = 4 * sum(p.numel() for p in build_model("cnn").parameters()) + 32 * 784 * 4
+    # parameters, batch, what autograd saves and some temporaries ...
+    assert held + base["saved_bytes"] < base["peak_bytes"] < held + 2 * base["saved_bytes"]
+    assert summaries["0-big"]["peak_bytes"] == base["peak_bytes"]  # ... never the dataset
+
+
+def test_matched_batch_leaves_the_users_model_untouched(small):
+    x, y = (t[:64].clone() for t in small.train.tensors)
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 26 * 26, 10),
+    )  # fmt: skip
+    aop = build_seeded("mlp", 0)
+    rp_convert(aop, "aop")
+    install(aop, "exact", loss_fn, seed=0).backward(x, y)  # AOP memory now holds rows
+    aop.zero_grad(set_to_none=True)
+    for model, method in ((plain, "rad:keep=0.1"), (aop, "aop")):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        classes, state = [type(m) for m in model.modules()], method_state(model)
+        matched_batch(lambda model=model: model, method, x, y, loss_fn)
+        assert_bitwise_equal(model.state_dict(), before)  # BatchNorm statistics, AOP memory
+        assert [type(m) for m in model.modules()] == classes and method_state(model) == state
+        assert all(p.grad is None for p in model.parameters())
+    assert any(k.startswith("1.aop_memory") for k in aop.state_dict())
+
+
+def test_a_method_that_converts_no_layer_is_an_error(tmp_path, small):
+    with pytest.raises(ValueError, match=r"'trace' converts no layer of model 'mlp': trace does "
+                       r"not support Linear; kept exact \(1, 3, 5, 7\)"):  # fmt: skip
+        train(cfg(tmp_path, method="trace"), splits=small)
+    assert not (tmp_path / "run").exists()
+
+
+def test_summary_carries_the_conversion_report(tmp_path, small):
+    rad = train(cfg(tmp_path, "rad", method="rad:keep=0.1", steps=1), splits=small)["conversion"]
+    assert rad["converted"]["1"].startswith("rad:keep=0.1") and rad["skipped"] == {}
+    assert rad["converted"]["2"] == "exact, 1-bit mask"
+    exact = train(cfg(tmp_path, "exact", steps=1), splits=small)["conversion"]
+    assert exact["converted"] == {} and "exact does not support Linear" in exact["skipped"]["1"]
+    assert train(cfg(tmp_path, "ckpt", method="checkpoint", steps=1), splits=small)[
+        "conversion"
+    ] is None  # fmt: skip
+
+
+def test_out_below_a_file_is_a_clear_error(tmp_path, small):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="train: out .* lies below the file"):
+        train(cfg(tmp_path, "file/run"), splits=small)
+    with pytest.raises(ValueError, match="train: out .* is a file"):
+        train(cfg(tmp_path, "file"), splits=small)

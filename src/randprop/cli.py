@@ -13,6 +13,22 @@ import torch
 from randprop.config import METHODS, parse_method
 
 
+def int_at_least(low: int):
+    """An argparse type: an int >= ``low`` (argparse names the flag in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
 def _batch(model_name: str, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     from randprop.models import input_shape
 
@@ -83,7 +99,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
             f"{name or '<top>':<12} {exact.by_module.get(name, 0):>14,} "
             f"{estimate.by_module.get(name, 0):>14,}"
         )
-    print(f"{'peak':<12} {exact.bytes:>14,} {estimate.bytes:>14,}")
+    print(f"{'most at once':<12} {exact.bytes:>14,} {estimate.bytes:>14,}")
     print(f"{method}: {result['ratio']:.2f}x less than exact")
     return 0
 
@@ -127,11 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--model", default="mlp")
         p.add_argument("--method", default="rad:keep=0.1", help='e.g. "rad:keep=0.1,mode=project"')
-        p.add_argument("--batch", type=int, default=150)
+        p.add_argument("--batch", type=int_at_least(1), default=150)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", action="store_true")
         if name == "check":
-            p.add_argument("--draws", type=int, default=50)
+            p.add_argument("--draws", type=int_at_least(2), default=50)
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("bench", help="run a benchmark suite (see `randprop list`)")

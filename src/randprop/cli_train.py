@@ -37,8 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(cfg)
     except KeyboardInterrupt:
         return 130
-    except FileNotFoundError as err:  # a missing dataset or checkpoint: say how to get it
-        raise ValueError(str(err)) from err
+    except OSError as err:  # a missing dataset or checkpoint (says how to get it), an unwritable
+        raise ValueError(str(err)) from err  # run directory: one line, no traceback
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -51,6 +51,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from randprop.cli import int_at_least
+
+    positive, count = int_at_least(1), int_at_least(0)
     p = sub.add_parser("train", help="train a model on a dataset with a method or baseline")
     p.add_argument("--model", default="mlp", help="a model name (see `randprop list`)")
     p.add_argument("--data", default="mnist", help="a dataset name (see `randprop list`)")
@@ -60,17 +63,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help='a method ("rad:keep=0.1"), a learning rule (fa, dfa, memdfa) or '
         '"checkpoint[:segments=K]"',
     )
-    p.add_argument("--batch", type=int, default=150)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=positive, default=150)
+    p.add_argument("--steps", type=positive, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--optimizer", default="adam", choices=("sgd", "adam", "adamw"))
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     p.add_argument("--schedule", default="constant", choices=("constant", "cosine", "linear"))
-    p.add_argument("--eval-every", type=int, default=0, help="steps; 0: only at the end")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps; 0: only at the end")
+    p.add_argument("--eval-every", type=count, default=0, help="steps; 0: only at the end")
+    p.add_argument("--log-every", type=count, default=50)
+    p.add_argument("--checkpoint-every", type=count, default=0, help="steps; 0: only at the end")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument(
@@ -83,12 +86,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=None, help="folder of user-supplied data (cifar10)")
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=count, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("demo", help="the main job on the bundled default (MNIST), a few minutes")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=2000, help="iterations per run")
+    p.add_argument("--steps", type=positive, default=2000, help="iterations per run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on busy CPUs)")
+    p.add_argument(
+        "--threads", type=count, default=1, help="torch threads (1: robust on busy CPUs)"
+    )
     p.set_defaults(fn=cmd_demo)

@@ -5,8 +5,10 @@
   accuracy at the end.
 - depth: MLPs of 2..32 hidden layers of width 256; one training step (forward, loss, backward) of
   BP, activation checkpointing (sqrt(depth) segments), FA (B stored / regenerated), DFA and
-  MEM-DFA: peak bytes saved for backward (rp.track_saved over the whole step), whole-process
-  peak resident memory (a fresh subprocess per point) and median step time.
+  MEM-DFA: peak bytes saved for backward (rp.track_saved over the whole step), peak bytes held
+  during the step (randprop.measure.peak.track_peak: parameters, gradients, batch, feedback
+  matrices, what autograd saves and every temporary), the resident memory of a fresh subprocess
+  per point (Linux only) and median step time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 from randprop.experiments.registry import suite
-from randprop.measure.profile import peak_process_bytes
+from randprop.measure.peak import state_tensors, track_peak
 from randprop.measure.saved import track_saved
 from randprop.models import build_model
 from randprop.models.feedforward import mlp
@@ -182,25 +184,22 @@ def _proc_status(key: str) -> int | None:
     return None
 
 
-def process_peak(method: str, depth: int, width: int, batch: int) -> dict:
-    """Peak resident memory of one step in this (fresh) process and its increase over the
-    resident memory before the step. On Linux the peak (VmHWM) is reset just before the step
-    (/proc/self/clear_refs), so import-time transients do not hide it; elsewhere ru_maxrss."""
+def resident_peak(method: str, depth: int, width: int, batch: int) -> dict:
+    """Peak resident memory (Linux VmHWM) of one step in this (fresh) process and the resident
+    memory before it; the high-water mark is reset just before the step (/proc/self/clear_refs),
+    so import-time transients do not hide it. None for both where Linux's counters are missing."""
     torch.set_num_threads(1)
     model, step, x, y = _depth_setup(method, depth, width, batch)
     step(x[:2], y[:2])  # warm-up on two examples: lazy initialisation is not the step's memory
     model.zero_grad(set_to_none=True)
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        before = _proc_status("VmRSS")
     except OSError:
-        before = None
-    if before is None:
-        before = peak_process_bytes()
-        step(x, y)
-        return {"before": before, "peak": peak_process_bytes(), "source": "ru_maxrss"}
+        return {"before": None, "peak": None}
+    before = _proc_status("VmRSS")
     step(x, y)
-    return {"before": before, "peak": _proc_status("VmHWM"), "source": "VmHWM"}
+    peak = _proc_status("VmHWM")
+    return {"before": before, "peak": peak if before is not None else None}
 
 
 # glibc raises its mmap threshold as large blocks are freed, after which freed tensors stay in a
@@ -209,12 +208,12 @@ def process_peak(method: str, depth: int, width: int, batch: int) -> dict:
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def _process_peak_in_child(
+def _resident_peak_in_child(
     method: str, depth: int, width: int, batch: int, env: dict | None = None
 ) -> dict:
     code = (
-        "import json; from randprop.experiments.feedback import process_peak; "
-        f"print(json.dumps(process_peak({method!r}, {depth}, {width}, {batch})))"
+        "import json; from randprop.experiments.feedback import resident_peak; "
+        f"print(json.dumps(resident_peak({method!r}, {depth}, {width}, {batch})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -226,13 +225,17 @@ def _process_peak_in_child(
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _increase(resident: dict) -> int | None:
+    return None if resident["peak"] is None else resident["peak"] - resident["before"]
+
+
 def depth_table(cfg: dict) -> list[dict]:
     rows = []
     width, batch = cfg["width"], cfg["depth_batch"]
     for depth in cfg["depths"]:
         for method in DEPTH_METHODS:
             model, step, x, y = _depth_setup(method, depth, width, batch)
-            with track_saved(model) as saved:
+            with track_peak([*state_tensors(model), x, y]) as peak, track_saved(model) as saved:
                 step(x, y)
             times = []
             for i in range(cfg["repeats"] + 1):
@@ -241,8 +244,8 @@ def depth_table(cfg: dict) -> list[dict]:
                 step(x, y)
                 if i:  # the first is a warm-up
                     times.append(time.perf_counter() - start)
-            peak = _process_peak_in_child(method, depth, width, batch, FIXED_MALLOC)
-            default = _process_peak_in_child(method, depth, width, batch)
+            resident = _resident_peak_in_child(method, depth, width, batch, FIXED_MALLOC)
+            default = _resident_peak_in_child(method, depth, width, batch)
             rows.append(
                 {
                     "method": method,
@@ -250,10 +253,10 @@ def depth_table(cfg: dict) -> list[dict]:
                     "width": width,
                     "batch": batch,
                     "saved_bytes": saved.bytes,
-                    "process_peak_bytes": peak["peak"],
-                    "step_peak_increase_bytes": peak["peak"] - peak["before"],
-                    "step_peak_increase_default_malloc_bytes": default["peak"] - default["before"],
-                    "peak_source": peak["source"],
+                    "peak_bytes": peak.bytes,
+                    "resident_peak_bytes": resident["peak"],
+                    "step_resident_increase_bytes": _increase(resident),
+                    "step_resident_increase_default_malloc_bytes": _increase(default),
                     "step_seconds": statistics.median(times),
                 }
             )
@@ -317,11 +320,7 @@ def plot(depth: list[dict], path: Path) -> None:
 
     fields = (
         ("saved_bytes", "peak saved for backward (MiB)", 2**20),
-        (
-            "step_peak_increase_bytes",
-            "step's resident peak increase (MiB)",
-            2**20,
-        ),
+        ("peak_bytes", "peak held during the step (MiB)", 2**20),
         ("step_seconds", "step time (s)", 1),
     )
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -340,8 +339,8 @@ def plot(depth: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.2f}"
+def _mib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f}"
 
 
 def write_report(out: Path, results: dict, quick: bool) -> None:
@@ -391,10 +390,13 @@ def write_report(out: Path, results: dict, quick: bool) -> None:
         "## One training step against depth (MLP, hidden width 256)",
         "",
         f"Batch {cfg['depth_batch']}. saved: peak bytes held for backward at once over forward, "
-        "loss and backward (rp.track_saved; parameters excluded). process peak: peak resident "
-        "memory of a fresh process during one step (Linux VmHWM, reset just before the step, "
-        "after a two-example warm-up step), and its increase over the resident memory before "
-        "the step, with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=131072) and, last "
+        "loss and backward (rp.track_saved; parameters excluded). peak: the most tensor bytes "
+        "held at once during the step (randprop.measure.peak.track_peak: parameters, their "
+        "gradients, the batch, stored feedback matrices, what autograd saves and every "
+        "temporary; not the Python heap). resident: peak resident memory of a fresh process "
+        "during one step (Linux VmHWM, reset just before the step, after a two-example warm-up "
+        "step; n/a elsewhere), and its increase over the resident memory before the step, "
+        "with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=131072) and, last "
         "column, with the default dynamic threshold (heap fragmentation then inflates the "
         "peak of rules that allocate and free per block). The increase includes the parameter "
         "gradients (0.25 MiB per hidden layer) and, for DFA, all B_l e at once (one block "
@@ -404,16 +406,17 @@ def write_report(out: Path, results: dict, quick: bool) -> None:
         "",
         "![depth profile](depth_profile.png)",
         "",
-        "| method | depth | saved MiB | saved / BP | process peak MiB | step increase MiB "
-        "| step s | time / BP | increase, default malloc MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | depth | saved MiB | saved / BP | peak MiB | resident peak MiB "
+        "| resident increase MiB | step s | time / BP | increase, default malloc MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["depth"]:
         lines.append(
             f"| {r['method']} | {r['depth']} | {_mib(r['saved_bytes'])} | {r['saved_vs_bp']:.2f} "
-            f"| {_mib(r['process_peak_bytes'])} | {_mib(r['step_peak_increase_bytes'])} "
+            f"| {_mib(r['peak_bytes'])} | {_mib(r['resident_peak_bytes'])} "
+            f"| {_mib(r['step_resident_increase_bytes'])} "
             f"| {r['step_seconds']:.4f} | {r['time_vs_bp']:.2f} "
-            f"| {_mib(r['step_peak_increase_default_malloc_bytes'])} |"
+            f"| {_mib(r['step_resident_increase_default_malloc_bytes'])} |"
         )
     (out / "report.md").write_text("\n".join(lines) + "\n")
 

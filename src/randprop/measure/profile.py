@@ -1,11 +1,12 @@
-"""Side-by-side measurements of one training step: bytes saved for backward, peak, time."""
+"""Side-by-side measurements of one training step: bytes saved for backward, time.
+
+Peak memory: randprop.measure.peak.
+"""
 
 from __future__ import annotations
 
 import copy
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -63,11 +64,3 @@ def step_time(
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_process_bytes(device: torch.device | None = None) -> int:
-    """Peak memory: the CUDA allocator's peak on a GPU, else the process's peak resident set."""
-    if device is not None and device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024

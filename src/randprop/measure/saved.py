@@ -2,14 +2,16 @@
 
 Every tensor autograd saves passes through the pack hook. We count each storage once (a tensor
 and its views share one), drop it when autograd releases its last saved reference (after
-backward, or when the graph is freed), and keep the running peak. Parameters and buffers are
-excluded: they are held anyway, so what remains is activation memory.
+backward, or when the graph is freed), and keep the running peak. The model's parameters and
+buffers are excluded (they are held anyway), so what remains is activation memory; everything
+else counts, inputs that require grad included (adversarial training, PINNs, saliency maps).
 """
 
 from __future__ import annotations
 
 import weakref
 from collections import defaultdict
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -32,12 +34,16 @@ class _Saved:
 class track_saved:  # noqa: N801 (a context manager used like a function, as torch.no_grad)
     """Context manager measuring activation memory saved for backward inside the block.
 
+    Not counted: the storages of ``model``'s parameters and buffers (without a model: every
+    nn.Parameter) and of the tensors in ``exclude``.
     .bytes: the peak of bytes held for backward at once; .total: all bytes ever saved;
     .by_module: {module name: bytes first saved while that module (innermost) was running},
     when ``model`` is given. Tensors saved outside any submodule count under "".
     """
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(
+        self, model: nn.Module | None = None, *, exclude: Iterable[torch.Tensor] = ()
+    ) -> None:
         self.model = model
         self.bytes = 0
         self.total = 0
@@ -47,7 +53,7 @@ class track_saved:  # noqa: N801 (a context manager used like a function, as tor
         self._sizes: dict[tuple, int] = {}
         self._stack: list[str] = []
         self._handles: list = []
-        self._excluded: set[tuple] = set()
+        self._excluded: set[tuple] = {self._key(t) for t in exclude}
 
     # -- storage bookkeeping
     @staticmethod
@@ -56,10 +62,11 @@ class track_saved:  # noqa: N801 (a context manager used like a function, as tor
         return (t.device.type, t.device.index, storage.data_ptr(), storage.nbytes())
 
     def _is_state(self, t: torch.Tensor) -> bool:
-        base = t._base if t._base is not None else t
-        if isinstance(base, nn.Parameter) or self._key(t) in self._excluded:
+        """A parameter or buffer of the model (without a model: an nn.Parameter), or excluded."""
+        if self._key(t) in self._excluded:
             return True
-        return base.is_leaf and base.requires_grad
+        base = t._base if t._base is not None else t
+        return self.model is None and isinstance(base, nn.Parameter)
 
     def _pack(self, t: torch.Tensor):
         if self._is_state(t) or t.layout != torch.strided:

@@ -8,11 +8,12 @@
   (default ceil(sqrt(#blocks)), Chen et al. 2016: checkpointing every single layer of a plain
   stack would save nothing, since a layer's input is the previous layer's saved output);
 - the memory-matched small batch: exact backprop with the largest batch whose *measured* saved
-  bytes do not exceed a method's.
+  bytes do not exceed a method's (measured on copies: the model given is never trained).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import types
 from collections.abc import Callable
@@ -22,8 +23,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from randprop.config import METHODS, parse_method
-from randprop.convert import convert, load_method_state, method_state
+from randprop.convert import ConversionReport, convert, load_method_state, method_state
 from randprop.measure.saved import track_saved
+from randprop.methods.base import RandomizedLayer
 from randprop.train.learning_rules import LEARNING_RULES, Backprop, LearningRule, LossFn
 
 BLOCK_LISTS = ("blocks", "layers", "layer", "h")
@@ -41,8 +43,15 @@ def method_choices() -> list[str]:
     return sorted({*METHODS, *LEARNING_RULES, "checkpoint"})
 
 
-def install(model: nn.Module, method: str, loss_fn: LossFn, seed: int) -> LearningRule:
-    """Install ``method`` on ``model`` in place; return the rule that computes gradients."""
+def install(
+    model: nn.Module, method: str, loss_fn: LossFn, seed: int, *, model_name: str | None = None
+) -> LearningRule:
+    """Install ``method`` on ``model`` in place; return the rule that computes gradients.
+
+    A per-layer method returns :class:`Backprop` with the conversion report as ``.report``; one
+    that converts no weight layer of the model (e.g. trace on an MLP) raises ValueError naming
+    the model (``model_name``, else its class), the method and why each layer was skipped.
+    """
     _register_rules()
 
     name, _, options = str(method).strip().partition(":")
@@ -56,8 +65,26 @@ def install(model: nn.Module, method: str, loss_fn: LossFn, seed: int) -> Learni
         return LEARNING_RULES[name](model, loss_fn, seed)
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(method_choices())}")
-    convert(model, parse_method(method), seed=seed)
-    return Backprop(model, loss_fn, seed)
+    cfg = parse_method(method)
+    report = convert(model, cfg, seed=seed)
+    if cfg.name != "exact" and not any(isinstance(m, RandomizedLayer) for m in model.modules()):
+        raise ValueError(
+            f"method {str(method)!r} converts no layer of model "
+            f"{model_name or type(model).__name__!r}: {_skip_reasons(report)}"
+        )
+    rule = Backprop(model, loss_fn, seed)
+    rule.report = report
+    return rule
+
+
+def _skip_reasons(report: ConversionReport) -> str:
+    """'reason (layer, layer); ...': the report's skip reasons, each with the layers it hit."""
+    by_reason: dict[str, list[str]] = {}
+    for layer, reason in report.skipped.items():
+        by_reason.setdefault(reason, []).append(layer or "<root>")
+    if not by_reason:
+        return "it has no layer that any method converts"
+    return "; ".join(f"{reason} ({', '.join(layers)})" for reason, layers in by_reason.items())
 
 
 def _segments_option(options: str) -> int | None:
@@ -80,7 +107,7 @@ class _Checkpointed:
     def __call__(self, *args, **kwargs):
         if self.log is not None and torch.is_grad_enabled():
             detached = [a.detach().requires_grad_() if _float(a) else a for a in args]
-            with track_saved() as saved:  # leaf inputs are excluded: counted in in_bytes
+            with track_saved(exclude=[a for a in detached if _float(a)]) as saved:  # in in_bytes
                 self.fn(*detached, **kwargs)
             storages = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for a in args if _float(a)}  # fmt: skip
             self.log.append((sum(storages.values()), saved.bytes))
@@ -177,8 +204,10 @@ def saved_bytes_of(
     loss_fn: LossFn,
     seed: int = 0,
 ) -> int:
-    """Measured saved bytes of ``method`` on a fresh model from ``build()`` for the batch (x, y)."""
-    model = build()
+    """Measured saved bytes of ``method`` for the batch (x, y), on a deep copy of ``build()``'s
+    model: the model it returns (a fresh one, or the user's) is left as it was, buffers such as
+    BatchNorm's running statistics and a method's state (AOP memory, CRS estimate) included."""
+    model = copy.deepcopy(build())
     rule = install(model, method, loss_fn, seed)
     try:
         return measure_step(model, rule, x, y)
@@ -195,7 +224,8 @@ def matched_batch(
     seed: int = 0,
 ) -> tuple[int, int]:
     """(b, budget): the largest b <= len(x) with exact saved bytes at batch b <= ``budget``, the
-    bytes ``method`` saves at batch len(x). Saved bytes grow with the batch: binary search."""
+    bytes ``method`` saves at batch len(x). Saved bytes grow with the batch: binary search.
+    Every measurement runs on a deep copy of ``build()``'s model (see :func:`saved_bytes_of`)."""
     budget = saved_bytes_of(build, method, x, y, loss_fn, seed)
 
     def exact_bytes(b: int) -> int:  # clones: a view would be counted as its whole storage

@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from randprop.convert import ConversionReport
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -45,6 +47,7 @@ class Backprop:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, seed: int = 0) -> None:
         self.model, self.loss_fn = model, loss_fn
+        self.report: ConversionReport | None = None  # what convert() did, when it ran
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn(self.model(x), y)

@@ -4,6 +4,14 @@ Writes, under ``cfg.out``: metrics.jsonl (one JSON object per log / evaluation),
 (atomic; model, optimizer, schedule, RNG and method state) and summary.json. The batch at step t
 is a pure function of (seed, t): epoch e = t // (N // B) uses the permutation drawn from
 derive_seed(seed, DATA, e), so a resumed run sees exactly the batches an uninterrupted one does.
+
+summary.json's peak_bytes is the most memory held at once during a training step (zero_grad,
+forward, backward, optimizer step), measured over the first ``PEAK_STEPS`` steps a process runs
+(tracking every step would slow it): on CUDA the allocator's peak after a reset at the step's
+start; elsewhere randprop.measure.peak.track_peak, counting the model's parameters, gradients,
+buffers and method state, the optimizer state, the batch and every tensor the step allocates
+(what autograd saves, gradients, temporaries), never the dataset. A resumed run keeps the larger
+of the checkpoint's figure and its own; null when no step was measured.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -23,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from randprop.convert import load_method_state, method_state
+from randprop.convert import ConversionReport, load_method_state, method_state
 from randprop.data import Splits, load_dataset
-from randprop.measure.profile import peak_process_bytes
+from randprop.measure.peak import peak_memory, state_tensors
 from randprop.models.registry import MODELS, build_model
 from randprop.random import STREAM_DATA, STREAM_INIT, derive_seed, generator
-from randprop.train.baselines import install, matched_batch, measure_step, saved_bytes_of
+from randprop.train.baselines import install, matched_batch, saved_bytes_of
 from randprop.train.checkpoint import (
     CHECKPOINT,
     load_checkpoint,
@@ -39,6 +47,7 @@ from randprop.train.checkpoint import (
 from randprop.train.config import TrainConfig
 
 RESUME_KEYS = ("model", "data", "method", "match_memory_of", "seed", "batch")
+PEAK_STEPS = 3  # training steps of each process whose peak memory is measured
 Callback = Callable[[int, float], None]
 
 
@@ -121,6 +130,26 @@ def _deferred_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
+def check_out(out: str) -> None:
+    """ValueError unless ``out`` is a directory or can be created as one."""
+    path = Path(out)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"lies below the file {str(p)!r}"
+                raise ValueError(f"train: out {out!r} {what}; give a directory for the run")
+            return
+
+
+def _conversion(report: ConversionReport | None) -> dict | None:
+    """The conversion report for summary.json: converted layers with their method, skipped ones
+    with the reason (None for learning rules and checkpointing, which convert nothing)."""
+    if report is None:
+        return None
+    converted = {name: report.methods[name] for name in report.converted}
+    return {"converted": converted, "skipped": dict(report.skipped)}
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records written after ``step`` (by a run interrupted after its last checkpoint)."""
     if path.exists():
@@ -159,6 +188,8 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
             f"dataset {cfg.data!r} has {splits.input_shape}"
         )
     device = torch.device(cfg.device)
+    if cfg.out:
+        check_out(cfg.out)
     out = Path(cfg.out) if cfg.out else None
     x_train, y_train = splits.train.tensors
     first = torch.arange(min(cfg.batch, len(x_train)))  # index copies, not views of x_train
@@ -175,14 +206,16 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
         raise ValueError(f"batch {batch} exceeds the {len(x_train)} training examples")
 
     model = build()
-    rule = install(model, method, loss_fn, cfg.seed)
+    rule = install(model, method, loss_fn, cfg.seed, model_name=cfg.model)
+    report = getattr(rule, "report", None)
     optimizer = _optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     metrics_path = out / "metrics.jsonl" if out else None
     identity = {"model": cfg.model, "data": cfg.data, "method": cfg.method,
                 "match_memory_of": cfg.match_memory_of, "seed": cfg.seed, "batch": batch}  # fmt: skip
     step = 0
-    progress_state = {"losses": [], "window": [], "step_times": [], "train_seconds": 0.0}
+    progress_state = {"losses": [], "window": [], "step_times": [], "train_seconds": 0.0,
+                      "peak_bytes": None, "peak_step_times": []}  # fmt: skip
 
     if cfg.resume:
         ckpt = load_checkpoint(out / CHECKPOINT)
@@ -200,13 +233,14 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
         if ckpt.get("rule") is not None and hasattr(rule, "load_state_dict"):
             rule.load_state_dict(ckpt["rule"])
         set_rng_state(ckpt["rng"])
-        step, progress_state = ckpt["step"], ckpt["progress"]
+        step, progress_state = ckpt["step"], {**progress_state, **ckpt["progress"]}
         saved, exact_saved = ckpt["saved_bytes"], ckpt["exact_saved_bytes"]
         _truncate_metrics(metrics_path, step)
     else:
         xb, yb = x_train[first[:batch]].to(device), y_train[first[:batch]].to(device)
-        saved = measure_step(model, rule, xb, yb)
+        saved = saved_bytes_of(build, method, xb, yb, loss_fn, cfg.seed)  # on a fresh model
         exact_saved = saved_bytes_of(build, "exact", xb, yb, loss_fn, cfg.seed)
+        del xb, yb  # nothing of the set-up stays on the device during the steps
         if out:
             out.mkdir(parents=True, exist_ok=True)
             metrics_path.write_text("")
@@ -245,23 +279,34 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
 
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=method, leave=False)
-    in_step = False
+    in_step, measured = False, 0
     try:
         with _deferred_sigint() as sigint:
             while step < cfg.steps:
                 idx = batch_indices(len(x_train), batch, cfg.seed, step)
                 x, y = x_train[idx].to(device), y_train[idx].to(device)
                 in_step = True
+                tracked = measured < PEAK_STEPS
+                held = [*state_tensors(model, optimizer, rule), x, y] if tracked else []
+                meter = peak_memory(device, held) if tracked else nullcontext()
+                del held
                 t0 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                loss = float(rule.backward(x, y).detach())
-                optimizer.step()
+                with meter:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = float(rule.backward(x, y).detach())
+                    optimizer.step()
                 scheduler.step()
                 seconds = time.perf_counter() - t0
                 step += 1
                 in_step = False
                 progress_state["train_seconds"] += seconds
-                progress_state["step_times"].append(seconds)
+                if tracked:  # timed apart: tracking slows a step down
+                    measured += 1
+                    progress_state["peak_step_times"].append(seconds)
+                    peaks = (progress_state["peak_bytes"], meter.bytes)
+                    progress_state["peak_bytes"] = max(p for p in peaks if p is not None)
+                else:
+                    progress_state["step_times"].append(seconds)
                 progress_state["losses"] = [*progress_state["losses"][-49:], loss]
                 window = progress_state["window"]
                 window.append(loss)
@@ -291,7 +336,7 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
     checkpoint()
     final = eval_record()
     losses = progress_state["losses"]
-    times = sorted(progress_state["step_times"])
+    times = sorted(progress_state["step_times"] or progress_state["peak_step_times"])
     summary = {
         "method": cfg.method,
         "model": cfg.model,
@@ -312,11 +357,12 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
         "train_loss": sum(losses) / len(losses) if losses else math.nan,
         "saved_bytes": saved,
         "exact_saved_bytes": exact_saved,
-        "peak_bytes": peak_process_bytes(device),
+        "peak_bytes": progress_state["peak_bytes"],
         "seconds_per_step": times[len(times) // 2] if times else math.nan,
         "threads": torch.get_num_threads(),
         "train_seconds": progress_state["train_seconds"],
         "wall_seconds": time.perf_counter() - start_time,
+        "conversion": _conversion(report),
     }
     rule.remove()
     if out:
