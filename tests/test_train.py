@@ -376,7 +376,7 @@ def test_summary_carries_the_conversion_report(tmp_path, small):
     assert rad["converted"]["1"].startswith("rad:keep=0.1") and rad["skipped"] == {}
     assert rad["converted"]["2"] == "exact, 1-bit mask"
     exact = train(cfg(tmp_path, "exact", steps=1), splits=small)["conversion"]
-    assert exact["converted"] == {} and "exact does not support Linear" in exact["skipped"]["1"]
+    assert exact["converted"] == {} and "exact: kept as plain PyTorch" in exact["skipped"]["1"]
     assert train(cfg(tmp_path, "ckpt", method="checkpoint", steps=1), splits=small)[
         "conversion"
     ] is None  # fmt: skip
