@@ -44,3 +44,28 @@ def assert_unbiased(samples: torch.Tensor, exact: torch.Tensor, alpha: float = 1
     assert std.max().item() > 0, "the estimator had no variance: nothing random was tested"
     pvalue = unbiasedness_pvalue(samples, exact)
     assert pvalue > alpha, f"biased: Hotelling T^2 p-value {pvalue:.2e} < {alpha}"
+
+
+def scale_ratio(samples: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error over the K draws of r_k = <g_k, g> / |g|^2 (g = ``exact``); an
+    unbiased estimator has E[r] = 1, one off in scale by a factor c has E[r] = c."""
+    draws = samples.double().flatten(1)
+    target = exact.double().flatten()
+    ratio = draws @ target / target.dot(target)
+    return ratio.mean().item(), ratio.std().item() / len(ratio) ** 0.5
+
+
+def assert_no_scale_bias(
+    samples: torch.Tensor, exact: torch.Tensor, resolve: float | None = None, z: float = 4.5
+) -> None:
+    """Fail if the mean ratio of :func:`scale_ratio` is more than ``z`` standard errors from 1.
+    With ``resolve``, also fail unless the check rejects a scale error of that relative size
+    with margin (its standard error at most resolve / (z + 3))."""
+    mean, se = scale_ratio(samples, exact)
+    assert abs(mean - 1) <= z * se, (
+        f"scale bias: mean ratio {mean:.4f}, {abs(mean - 1) / se:.1f} s.e. from 1"
+    )
+    if resolve is not None:
+        assert se <= resolve / (z + 3), (
+            f"too few draws to resolve a {resolve:.0%} scale error: s.e. {se:.4f}"
+        )

@@ -1,11 +1,12 @@
 """RAD: exact forward / input / bias gradients, unbiased weight gradients, reproducibility."""
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
 import torch
-from stat_checks import assert_unbiased
+from stat_checks import assert_no_scale_bias, assert_unbiased
 from torch import nn
 
 import randprop as rp
@@ -96,6 +97,28 @@ def test_unbiasedness_check_detects_a_small_bias():
     halved[:, :, :2] *= 0.5
     with pytest.raises(AssertionError, match="biased"):
         assert_unbiased(halved, exact)
+
+
+@pytest.mark.parametrize("cfg", [dataclasses.replace(c, keep=0.5) for c in MODES], ids=MODE_IDS)
+@pytest.mark.parametrize(
+    "layer, shape",
+    [(nn.Linear(24, 8), (64, 24)), (nn.Conv2d(4, 6, 3, padding=1), (8, 4, 6, 6))],
+    ids=["linear", "conv2d"],
+)
+def test_no_scale_bias(layer, shape, cfg):
+    """Along the exact gradient g, <g_k, g> / |g|^2 averages 1 within 4.5 standard errors, and
+    the standard error is small enough that a 3% scale error fails (checked on the same draws)."""
+    plain = copy.deepcopy(layer).double()
+    rad = converted(layer, cfg, seed=2)
+    x = torch.randn(shape, dtype=torch.float64)
+    upstream = torch.randn_like(plain(x))
+    exact = run(plain, x, upstream)[2]
+    count = 1600 if cfg.mode == "project" else 600  # projections vary more at equal keep
+    draws = torch.stack([run(rad, x, upstream)[2] for _ in range(count)])
+    assert_no_scale_bias(draws, exact, resolve=0.03)
+    for scale in (0.97, 1.03):
+        with pytest.raises(AssertionError, match="scale bias"):
+            assert_no_scale_bias(draws * scale, exact)
 
 
 @pytest.mark.parametrize("cfg", MODES, ids=MODE_IDS)
