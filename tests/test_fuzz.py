@@ -51,11 +51,9 @@ STAT_CASES = max(20, CASES // 10)
 STAT_DRAWS = 400
 FUZZ_SEED = 11
 
-#: Cases excluded because their bug is being fixed elsewhere (issue 11, Build 8): tag -> reason.
-KNOWN: dict[str, str] = {
-    "empty": "batch size 0 or a Linear with 0 features fails in converted layers (issue 11, "
-    "Build 8: edge shapes must work as the plain layer does)",
-}
+#: Cases excluded with the reason (tag -> reason); none at present: empty shapes, once listed
+#: here, now work as in plain PyTorch.
+KNOWN: dict[str, str] = {}
 
 CONVS = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 RNNS = {"RNN": nn.RNN, "LSTM": nn.LSTM, "RNNCell": nn.RNNCell, "LSTMCell": nn.LSTMCell}
