@@ -12,7 +12,7 @@ from torch import nn
 import randprop as rp
 from randprop.models.feedforward import mlp
 from randprop.rules import DFA, FA, BlockOutput, MemDFA
-from randprop.train.learning_rules import LEARNING_RULES
+from randprop.rules import LEARNING_RULES
 
 
 def _data(n: int = 8, shape=(1, 28, 28), seed: int = 0):

@@ -45,7 +45,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         from randprop.data import DATASETS
     except ImportError:  # the data layer is optional for listing
         DATASETS = {}
-    from randprop.train.learning_rules import LEARNING_RULES
+    from randprop.rules import LEARNING_RULES
 
     listing = {
         "methods": {

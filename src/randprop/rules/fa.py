@@ -17,7 +17,7 @@ from torch import nn
 from randprop import random as rnd
 from randprop.methods.base import RandomizedLayer, autocast_inputs
 from randprop.rules._core import he_normal
-from randprop.train.learning_rules import LossFn, register_rule
+from randprop.rules.registry import LossFn, register_rule
 
 
 class _FAMixin(nn.Module):
