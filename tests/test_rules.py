@@ -11,8 +11,7 @@ from torch import nn
 
 import randprop as rp
 from randprop.models.feedforward import mlp
-from randprop.rules import DFA, FA, BlockOutput, MemDFA
-from randprop.rules import LEARNING_RULES
+from randprop.rules import DFA, FA, LEARNING_RULES, BlockOutput, MemDFA
 
 
 def _data(n: int = 8, shape=(1, 28, 28), seed: int = 0):

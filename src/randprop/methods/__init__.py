@@ -1,11 +1,21 @@
 """Estimator families: one module each with its config, autograd Functions and layer classes."""
 
 from randprop.methods import rad_rnn  # noqa: F401 (registers RAD's recurrent layers)
-from randprop.methods.aop import AOP, reset_memory
-from randprop.methods.crs import CRS
+from randprop.methods.aop import AOP, AOPMemory, reset_memory
+from randprop.methods.crs import CRS, CRSState
 from randprop.methods.exact import Exact
 from randprop.methods.rad import RAD
 from randprop.methods.trace import Trace
 from randprop.methods.vjp import SparseVJP
 
-__all__ = ["AOP", "CRS", "Exact", "RAD", "SparseVJP", "Trace", "reset_memory"]
+__all__ = [
+    "AOP",
+    "CRS",
+    "RAD",
+    "AOPMemory",
+    "CRSState",
+    "Exact",
+    "SparseVJP",
+    "Trace",
+    "reset_memory",
+]
