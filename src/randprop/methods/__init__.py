@@ -1,7 +1,8 @@
 """Estimator families: one module each with its config, autograd Functions and layer classes."""
 
 from randprop.methods import rad_rnn  # noqa: F401 (registers RAD's recurrent layers)
-from randprop.methods.aop import AOP, AOPMemory, reset_memory
+from randprop.methods.aop import AOP, AOPMemory
+from randprop.methods.base import ConvertedLayer, LayerState, RandomizedLayer, reset_memory
 from randprop.methods.crs import CRS, CRSState
 from randprop.methods.exact import Exact
 from randprop.methods.rad import RAD
@@ -14,6 +15,9 @@ __all__ = [
     "RAD",
     "AOPMemory",
     "CRSState",
+    "ConvertedLayer",
+    "LayerState",
+    "RandomizedLayer",
     "Exact",
     "SparseVJP",
     "Trace",

@@ -39,8 +39,13 @@ from torch import nn
 
 from randprop import random as rnd
 from randprop.config import MethodConfig, check_fraction, register
-from randprop.methods.aop import Handoff, LayerState, WeightNode
-from randprop.methods.base import RandomizedLayer, autocast_inputs
+from randprop.methods.base import (
+    Handoff,
+    LayerState,
+    RandomizedLayer,
+    WeightNode,
+    autocast_inputs,
+)
 
 
 @register
