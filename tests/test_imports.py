@@ -160,6 +160,22 @@ def test_src_has_no_upward_import():
     assert not upward, "imports pointing up the layers:\n" + "\n".join(upward)
 
 
+def test_the_registries_are_complete_when_reached_from_the_root():
+    code = (
+        "import randprop as rp; print(rp.parse_method('sparsevjp:density=0.5'), "
+        "sorted(rp.rules.LEARNING_RULES))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "vjp:density=0.5,sketch=uniform,structure=element,budget=tensor",
+        "['dfa',",
+        "'fa',",
+        "'memdfa']",
+    ]
+
+
 def test_the_package_root_exports_no_higher_layer():
     import randprop
 

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from randprop import functional, pde, rules
-    from randprop.config import METHODS, MethodConfig, parse_method
     from randprop.convert import (
         ConversionReport,
         convert,
@@ -33,12 +32,15 @@ if TYPE_CHECKING:
     from randprop.methods import (
         AOP,
         CRS,
+        METHODS,
         RAD,
         AOPMemory,
         CRSState,
         Exact,
+        MethodConfig,
         SparseVJP,
         Trace,
+        parse_method,
         reset_memory,
     )
 
@@ -46,7 +48,6 @@ __version__ = "0.1.0"
 
 #: public name -> the module defining it
 _EXPORTS = {
-    **dict.fromkeys(("METHODS", "MethodConfig", "parse_method"), "randprop.config"),
     **dict.fromkeys(
         ("ConversionReport", "convert", "load_method_state", "method_state", "restore"),
         "randprop.convert",
@@ -55,10 +56,10 @@ _EXPORTS = {
         ("GradientDiagnostics", "gradient_diagnostics", "track_saved"), "randprop.measure"
     ),
     **dict.fromkeys(
-        ("AOP", "CRS", "RAD", "AOPMemory", "CRSState", "Exact", "SparseVJP", "Trace"),
+        ("AOP", "CRS", "RAD", "AOPMemory", "CRSState", "Exact", "SparseVJP", "Trace", "METHODS"),
         "randprop.methods",
     ),
-    "reset_memory": "randprop.methods",
+    **dict.fromkeys(("MethodConfig", "parse_method", "reset_memory"), "randprop.methods"),
 }
 #: subpackages and modules reachable as attributes (``rp.rules.FA``)
 _SUBMODULES = frozenset(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from randprop.config import METHODS, parse_method
+from randprop.methods import METHODS, parse_method
 
 
 def int_at_least(low: int):

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_choice, check_fraction, register
+from randprop.config import MethodConfig, check_choice, check_fraction, register, register_layers
 from randprop.methods.base import (
     Handoff,
     LayerState,
@@ -142,9 +142,6 @@ class AOP(MethodConfig):
     @property
     def selects_input(self) -> bool:
         return self.target in ("input", "both")
-
-    def layer_class(self, module_type: type) -> type | None:
-        return AOPLinear if module_type is nn.Linear else None
 
 
 # --- memory buffers ---------------------------------------------------------------------------
@@ -362,3 +359,6 @@ class AOPLinear(LayerState, RandomizedLayer, nn.Linear):
         if not _active(self.rp_method, x, self.weight):
             return F.linear(x, self.weight, self.bias)
         return aop_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed(), self)
+
+
+register_layers(AOP, {nn.Linear: AOPLinear})
