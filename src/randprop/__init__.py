@@ -117,7 +117,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
+    return sorted({*__all__, *_SUBMODULES, "__version__"})
 
 
 class _Package(types.ModuleType):

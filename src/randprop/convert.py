@@ -324,7 +324,8 @@ def _subclasses(cls: type) -> list[type]:
 def safe_globals() -> list:
     """randprop's classes in a pickled converted model: method configs, layer classes and the
     unpickling helper of combined classes. Registered with torch.serialization.add_safe_globals
-    on import, so ``torch.load(path)`` (weights_only=True) reads a whole converted model
+    when this module is imported (the first use of rp.convert, rp.restore or rp.method_state, or
+    ``import randprop.convert`` in a process that only loads), so ``torch.load(path)`` (weights_only=True) reads a whole converted model
     whenever it would read the plain one (for which PyTorch needs the model's own classes
     allowed, e.g. with ``torch.serialization.safe_globals``); a state_dict needs nothing."""
     layers = [c for c in _subclasses(RandomizedLayer) if c not in _COMBINED.values()]
