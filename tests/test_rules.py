@@ -11,8 +11,7 @@ from torch import nn
 
 import randprop as rp
 from randprop.models.feedforward import mlp
-from randprop.rules import DFA, FA, BlockOutput, MemDFA
-from randprop.train.learning_rules import LEARNING_RULES
+from randprop.rules import DFA, FA, LEARNING_RULES, BlockOutput, MemDFA
 
 
 def _data(n: int = 8, shape=(1, 28, 28), seed: int = 0):
@@ -77,6 +76,9 @@ def test_fa_with_b_equal_w_is_backprop(make):
         nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
         nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular", bias=False),
         nn.Conv3d(4, 2, 2),
+        nn.Conv2d(4, 6, 4, padding="same", dilation=2),
+        nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"),
+        nn.Conv1d(4, 6, 3, padding="valid"),
     ],
     ids=lambda m: repr(m),
 )
@@ -118,10 +120,21 @@ def test_fa_regenerated_equals_stored_and_remove_restores():
     assert type(stored[1]) is nn.Linear and not hasattr(stored[1], "rp_fa_seed")
 
 
-def test_fa_skips_string_padding_and_rejects_bad_input():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Flatten(), nn.Linear(8, 2))
+def test_rp_restore_removes_fa():
+    """FA's layers are swapped by convert's mechanism: rp.restore gives them back too."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Flatten(), nn.Linear(32, 2))
+    plain = copy.deepcopy(model)
     fa = FA(model)
-    assert fa.layers == ["2"] and "padding='same'" in fa.skipped["0"]
+    assert fa.layers == ["0", "2"] and type(model[0]).__name__ == "FAConv2d"
+    assert rp.restore(model) == ["0", "2"]
+    assert [type(m) for m in model] == [type(m) for m in plain]
+    assert not any(k.startswith("rp_") for m in model for k in vars(m))
+    fa.remove()  # already restored: nothing left to do
+    assert [type(m) for m in model] == [type(m) for m in plain]
+    rp.convert(model, rp.RAD())  # a plain model again
+
+
+def test_fa_rejects_bad_input():
     with pytest.raises(ValueError, match="store must be"):
         FA(mlp(), store="yes")
     with pytest.raises(ValueError, match="no nn.Linear"):

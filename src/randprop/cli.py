@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from randprop.config import METHODS, parse_method
+from randprop.methods import METHODS, parse_method
 
 
 def int_at_least(low: int):
@@ -45,7 +45,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         from randprop.data import DATASETS
     except ImportError:  # the data layer is optional for listing
         DATASETS = {}
-    from randprop.train.learning_rules import LEARNING_RULES
+    from randprop.rules import LEARNING_RULES
 
     listing = {
         "methods": {

@@ -2,7 +2,8 @@
 
 ``str(RAD(keep=0.1, mode="project"))`` is ``"rad:keep=0.1,mode=project,same_sample=False"`` and
 ``parse_method`` of that string gives an equal config back. Each method module registers its
-config class with :func:`register`.
+config class with :func:`register` and, where its layer classes are defined, which torch layer
+type each replaces with :func:`register_layers`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Iterable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, overload
 
 METHODS: dict[str, type[MethodConfig]] = {}
 
@@ -23,20 +24,65 @@ class MethodConfig:
     name: ClassVar[str] = ""
     #: whether the method exists to save activation memory (then 1-bit ReLU masks are swapped in)
     saves_memory: ClassVar[bool] = True
+    #: torch layer type -> the randprop class replacing it (filled by :func:`register_layers`;
+    #: each config class has its own)
+    layer_types: ClassVar[dict[type, type]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.layer_types = {}
 
     def __str__(self) -> str:
         parts = [f"{f.name}={_format(getattr(self, f.name))}" for f in dataclasses.fields(self)]
         return self.name + (":" + ",".join(parts) if parts else "")
 
     def layer_class(self, module_type: type) -> type | None:
-        """The randprop class replacing ``module_type``, or None if this method leaves it alone."""
-        return None
+        """The randprop class replacing ``module_type``, or None if this method leaves it alone
+        (default: the classes registered with :func:`register_layers`)."""
+        return self.layer_types.get(module_type)
 
 
-def register(cls: type[MethodConfig]) -> type[MethodConfig]:
-    """Class decorator: make a config available to :func:`parse_method` under ``cls.name``."""
-    METHODS[cls.name] = cls
-    return cls
+ConfigT = type[MethodConfig]
+
+
+@overload
+def register(cls: ConfigT, *, aliases: Iterable[str] = ()) -> ConfigT: ...
+@overload
+def register(cls: None = None, *, aliases: Iterable[str] = ()) -> Callable[[ConfigT], ConfigT]: ...
+def register(cls=None, *, aliases=()):
+    """Class decorator: make a config available to :func:`parse_method` under ``cls.name`` and
+    each of ``aliases`` (``@register`` or ``@register(aliases=("sparsevjp",))``)."""
+    aliases = (aliases,) if isinstance(aliases, str) else tuple(aliases)
+
+    def add(cls: ConfigT) -> ConfigT:
+        for name in (cls.name, *aliases):
+            if not isinstance(name, str) or not name or name != name.strip().lower():
+                raise ValueError(f"register: method names must be lower-case words; got {name!r}")
+            if METHODS.get(name, cls) is not cls:
+                raise ValueError(f"register: {name!r} is already {METHODS[name].__name__}")
+            METHODS[name] = cls
+        return cls
+
+    return add if cls is None else add(cls)
+
+
+def register_layers(config_cls: ConfigT, layers: Mapping[type, type]) -> None:
+    """Make ``config_cls`` convert each torch layer type in ``layers`` to its randprop class
+    (a subclass of that type keeping the layer protocol of randprop.methods.base); called once
+    per method, where its layer classes are defined."""
+    for module_type, layer_cls in layers.items():
+        if not (isinstance(layer_cls, type) and issubclass(layer_cls, module_type)):
+            raise TypeError(
+                f"register_layers: {getattr(layer_cls, '__name__', layer_cls)!r} must be a "
+                f"subclass of the layer type it replaces, {module_type.__name__}"
+            )
+        known = config_cls.layer_types.get(module_type, layer_cls)
+        if known is not layer_cls:
+            raise ValueError(
+                f"register_layers: {config_cls.__name__} already converts "
+                f"{module_type.__name__} to {known.__name__}"
+            )
+        config_cls.layer_types[module_type] = layer_cls
 
 
 def _format(value: Any) -> str:
@@ -95,7 +141,9 @@ def _is_union(annotation: Any) -> bool:
 
 
 def parse_method(text: str | MethodConfig) -> MethodConfig:
-    """Parse ``"name:field=value,..."`` (or pass a config through) into a method config."""
+    """Parse ``"name:field=value,..."`` (or pass a config through) into a method config, among
+    the methods registered (all of them once randprop.methods is imported: use
+    ``randprop.methods.parse_method`` / ``rp.parse_method``)."""
     if isinstance(text, MethodConfig):
         return text
     if not isinstance(text, str):

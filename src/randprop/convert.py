@@ -2,7 +2,10 @@
 
 A converted layer is the same object with its class swapped for a subclass (RADLinear is an
 nn.Linear), so parameters, hooks, state_dict keys, device and dtype are untouched and an
-optimizer built before conversion keeps working. restore() swaps the classes back.
+optimizer built before conversion keeps working. restore() swaps the classes back. The classes
+swapped in keep the layer protocol :class:`randprop.methods.base.ConvertedLayer`, whose hooks
+(rp_unsupported, rp_storage, rp_release, rp_buffers, rp_state, rp_load_state) are all that
+convert, restore and method_state use of them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from randprop.config import METHODS, MethodConfig, parse_method
-from randprop.methods.base import RandomizedLayer
+from randprop.methods.base import ConvertedLayer, RandomizedLayer
 from randprop.methods.exact import Exact
 from randprop.methods.masks import MASKED
 from randprop.random import name_id
@@ -125,7 +128,7 @@ def convert(
         if not _is_candidate(module):
             continue
         report.kinds[name] = type(module).__name__
-        if isinstance(module, RandomizedLayer) or type(module) in MASKED.values():
+        if isinstance(module, ConvertedLayer):
             report.skipped[name] = "already converted"
             continue
         if target_modules is not None and not any(
@@ -144,18 +147,39 @@ def convert(
         if new_class is None:
             report.skipped[name] = reason
             continue
-        original = type(module)
-        module.__class__ = new_class
-        module.rp_original_class = original
+        swap_layer(module, new_class)
         if isinstance(module, RandomizedLayer):
             full = ".".join(filter(None, (prefix, name)))
             module.rp_method, module.rp_seed, module.rp_layer = cfg, seed, name_id(full)
             module.rp_step = 0
         report.converted.append(name)
-        report.methods[name] = (
-            str(cfg) if isinstance(module, RandomizedLayer) else getattr(module, "rp_storage", "")
-        )
+        report.methods[name] = module.rp_storage
     return report
+
+
+def swap_layer(module: nn.Module, layer_class: type[ConvertedLayer]) -> None:
+    """Give ``module`` the class ``layer_class`` (a ConvertedLayer subclass of its class, or a
+    :func:`combined_class`), remembering the original for :func:`restore_layer`."""
+    if not (issubclass(layer_class, ConvertedLayer) and issubclass(layer_class, type(module))):
+        raise TypeError(
+            f"layer_class must be a ConvertedLayer subclass of {type(module).__name__}; "
+            f"got {layer_class.__name__}"
+        )
+    original = type(module)
+    module.__class__ = layer_class
+    module.rp_original_class = original
+
+
+def restore_layer(module: nn.Module) -> bool:
+    """Undo :func:`swap_layer` on ``module`` (its ``rp_release`` hook first); False if it was
+    not swapped."""
+    if not isinstance(module, ConvertedLayer) or "rp_original_class" not in module.__dict__:
+        return False
+    module.rp_release()  # drop estimator state (buffers) a plain layer does not have
+    module.__class__ = module.rp_original_class
+    for attr in _CONVERTED_ATTRS:
+        module.__dict__.pop(attr, None)
+    return True
 
 
 def _patterns(target_modules: str | Sequence[str] | None) -> tuple[str, ...] | None:
@@ -207,9 +231,12 @@ def _target_class(
 
 
 def _target_class_of(module: nn.Module, new_class: type) -> tuple[type | None, str]:
-    # a layer class may refuse some settings of the module: rp_unsupported(module) -> reason
-    unsupported = getattr(new_class, "rp_unsupported", None)
-    reason = unsupported(module) if unsupported is not None else None
+    if not issubclass(new_class, ConvertedLayer):
+        raise TypeError(
+            f"layer class {new_class.__qualname__} for {type(module).__name__} does not derive "
+            "from randprop.methods.base.ConvertedLayer (the layer protocol)"
+        )
+    reason = new_class.rp_unsupported(module)  # a setting of the module it does not handle
     return (None, reason) if reason else (new_class, "")
 
 
@@ -241,7 +268,9 @@ def _reduce_combined(self: nn.Module, protocol: int):
 def _refuse_rules(model: nn.Module) -> None:
     """A learning rule that swapped layer classes (FA: ``rp_rule``) owns their backward pass."""
     ruled = {
-        name or "<root>": m.rp_rule for name, m in model.named_modules() if hasattr(m, "rp_rule")
+        name or "<root>": m.rp_rule
+        for name, m in model.named_modules()
+        if isinstance(m, ConvertedLayer) and m.rp_rule
     }
     if ruled:
         raise ValueError(
@@ -252,22 +281,11 @@ def _refuse_rules(model: nn.Module) -> None:
 
 
 def restore(model: nn.Module) -> list[str]:
-    """Give every converted layer of ``model`` its original class back; returns their names."""
+    """Give every converted layer of ``model`` (by rp.convert, or by a rule such as rp.rules.FA)
+    its original class back; returns their names."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
-    restored = []
-    for name, module in model.named_modules():
-        original = getattr(module, "rp_original_class", None)
-        if original is None:
-            continue
-        release = getattr(module, "rp_release", None)
-        if release is not None:  # drop estimator state (buffers) a plain layer does not have
-            release()
-        module.__class__ = original
-        for attr in _CONVERTED_ATTRS:
-            module.__dict__.pop(attr, None)
-        restored.append(name)
-    return restored
+    return [name for name, module in model.named_modules() if restore_layer(module)]
 
 
 LayerMethodState = int | dict[str, int | torch.Tensor]
@@ -280,9 +298,8 @@ def method_state(model: nn.Module) -> dict[str, LayerMethodState]:
     state: dict[str, LayerMethodState] = {}
     for name, module in model.named_modules():
         if isinstance(module, RandomizedLayer):
-            layer_state = getattr(module, "rp_state", None)
             step = module.rp_step
-            state[name] = step if layer_state is None else {"step": step, **layer_state()}
+            state[name] = {"step": step, **module.rp_state()} if module.rp_buffers else step
     return state
 
 
@@ -295,8 +312,7 @@ def load_method_state(model: nn.Module, state: Mapping[str, LayerMethodState]) -
         entry = state[name]
         if isinstance(entry, Mapping):
             module.rp_step = int(entry["step"])
-            if hasattr(module, "rp_load_state"):
-                module.rp_load_state({k: v for k, v in entry.items() if k != "step"})
+            module.rp_load_state({k: v for k, v in entry.items() if k != "step"})
         else:
             module.rp_step = int(entry)
 
@@ -308,7 +324,8 @@ def _subclasses(cls: type) -> list[type]:
 def safe_globals() -> list:
     """randprop's classes in a pickled converted model: method configs, layer classes and the
     unpickling helper of combined classes. Registered with torch.serialization.add_safe_globals
-    on import, so ``torch.load(path)`` (weights_only=True) reads a whole converted model
+    when this module is imported (the first use of rp.convert, rp.restore or rp.method_state, or
+    ``import randprop.convert`` in a process that only loads), so ``torch.load(path)`` (weights_only=True) reads a whole converted model
     whenever it would read the plain one (for which PyTorch needs the model's own classes
     allowed, e.g. with ``torch.serialization.safe_globals``); a state_dict needs nothing."""
     layers = [c for c in _subclasses(RandomizedLayer) if c not in _COMBINED.values()]

@@ -75,8 +75,8 @@ def gradient_diagnostics(
 
     The model is copied (twice: an exact reference and a converted copy); it is not modified.
     """
-    from randprop.config import parse_method
     from randprop.convert import convert, restore
+    from randprop.methods import parse_method
 
     if draws < 2:
         raise ValueError(f"draws must be at least 2 to estimate a variance; got {draws}")

@@ -1,11 +1,32 @@
-"""Estimator families: one module each with its config, autograd Functions and layer classes."""
+"""Estimator families: one module each with its config, autograd Functions and layer classes.
 
+Importing this package registers every method: its METHODS and parse_method know them all.
+"""
+
+from randprop.config import METHODS, MethodConfig, parse_method
 from randprop.methods import rad_rnn  # noqa: F401 (registers RAD's recurrent layers)
-from randprop.methods.aop import AOP, reset_memory
-from randprop.methods.crs import CRS
+from randprop.methods.aop import AOP, AOPMemory
+from randprop.methods.base import ConvertedLayer, LayerState, RandomizedLayer, reset_memory
+from randprop.methods.crs import CRS, CRSState
 from randprop.methods.exact import Exact
 from randprop.methods.rad import RAD
 from randprop.methods.trace import Trace
 from randprop.methods.vjp import SparseVJP
 
-__all__ = ["AOP", "CRS", "Exact", "RAD", "SparseVJP", "Trace", "reset_memory"]
+__all__ = [
+    "METHODS",
+    "MethodConfig",
+    "parse_method",
+    "AOP",
+    "CRS",
+    "RAD",
+    "AOPMemory",
+    "CRSState",
+    "ConvertedLayer",
+    "LayerState",
+    "RandomizedLayer",
+    "Exact",
+    "SparseVJP",
+    "Trace",
+    "reset_memory",
+]

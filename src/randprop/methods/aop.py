@@ -64,8 +64,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_choice, check_fraction, register
-from randprop.methods.base import RandomizedLayer, autocast_inputs
+from randprop.config import MethodConfig, check_choice, check_fraction, register, register_layers
+from randprop.methods.base import (
+    Handoff,
+    LayerState,
+    RandomizedLayer,
+    WeightNode,
+    autocast_inputs,
+)
 
 POLICIES = ("topk", "weighted", "random")
 MEMORIES = ("rows", "queue", "off")
@@ -137,93 +143,15 @@ class AOP(MethodConfig):
     def selects_input(self) -> bool:
         return self.target in ("input", "both")
 
-    def layer_class(self, module_type: type) -> type | None:
-        return AOPLinear if module_type is nn.Linear else None
 
-
-# --- layer state in lazily created, persistent buffers ---------------------------------------
-
-
-class LayerState(nn.Module):
-    """Mixin: estimator state in non-persistent buffers named in ``rp_buffers``, created on
-    first use. The state_dict keeps the plain layer's keys; loading one resets the state (the
-    weights it was built on are replaced), except that buffers found in it (as saved before
-    they became non-persistent) are restored. :meth:`rp_state` / :meth:`rp_load_state` carry
-    it for ``rp.method_state``."""
-
-    rp_buffers: tuple[str, ...] = ()
-
-    def reset_memory(self) -> None:
-        """Forget the state (the buffers are deleted and created afresh on the next forward)."""
-        for name in self.rp_buffers:
-            self._buffers.pop(name, None)
-        self.__dict__.pop("aop_dropped", None)
-
-    def rp_release(self) -> None:
-        """Called by rp.restore: a plain layer has no estimator state."""
-        self.reset_memory()
-
-    def rp_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the state buffers that exist."""
-        return {n: self._buffers[n].detach().clone() for n in self.rp_buffers if n in self._buffers}
-
-    def rp_load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the state by ``state`` (from :meth:`rp_state`), on the weight's device."""
-        self.reset_memory()
-        weight = getattr(self, "weight", None)
-        for name in self.rp_buffers:
-            if name in state:
-                value = state[name].detach().clone()
-                value = value if weight is None else value.to(weight.device)
-                self.register_buffer(name, value, persistent=False)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
-    ) -> None:
-        keys = {prefix + name: name for name in self.rp_buffers}
-        self.rp_load_state({keys[k]: v for k, v in state_dict.items() if k in keys})
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
-        )
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in keys]
-
-
-class Handoff:
-    """dL/dY of one call, passed by the layer's main backward node to its :class:`WeightNode`."""
-
-    __slots__ = ("grad_out",)
-
-    def __init__(self) -> None:
-        self.grad_out: torch.Tensor | None = None
-
-
-class WeightNode(torch.autograd.Function):
-    """The weight-gradient half of a layer's backward, where the layer state is updated.
-
-    ``WeightNode.apply(weight, handoff, grad_fn, *saved)`` returns a 0-dim token that the main
-    Function takes as an input. Autograd runs this node after the main one (which stores dL/dY
-    in ``handoff`` and sends the token a zero) and only when the weight's gradient is needed in
-    that backward pass: ``grad_fn(grad_out, *saved)`` then gives the weight gradient and commits
-    the state. ``torch.autograd.grad(loss, x)`` never runs it: no state changes.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, handoff: Handoff, grad_fn, *saved):
-        ctx.save_for_backward(*saved)
-        ctx.handoff, ctx.grad_fn = handoff, grad_fn
-        return weight.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _):
-        grad_out, ctx.handoff.grad_out = ctx.handoff.grad_out, None
-        saved = ctx.saved_tensors  # unpacked once (a checkpoint recompute allows no second)
-        return ctx.grad_fn(grad_out, *saved), None, None, *(None for _ in saved)
+# --- memory buffers ---------------------------------------------------------------------------
 
 
 class AOPMemory(LayerState):
     """Holder of AOP memory for the functional form :func:`aop_linear` (AOPLinear is its own)."""
 
     rp_buffers = ("aop_memory_x", "aop_memory_d", "aop_memory_count")
+    rp_counters = ("aop_dropped",)
 
 
 def _ensure_memory(
@@ -425,6 +353,7 @@ class AOPLinear(LayerState, RandomizedLayer, nn.Linear):
     state_dict (see the module docstring)."""
 
     rp_buffers = AOPMemory.rp_buffers
+    rp_counters = AOPMemory.rp_counters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _active(self.rp_method, x, self.weight):
@@ -432,12 +361,4 @@ class AOPLinear(LayerState, RandomizedLayer, nn.Linear):
         return aop_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed(), self)
 
 
-def reset_memory(model: nn.Module) -> list[str]:
-    """Forget the estimator state (AOP memory, CRS gradient-norm estimates) of every layer of
-    ``model``; returns the names of the layers reset."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, LayerState):
-            module.reset_memory()
-            names.append(name)
-    return names
+register_layers(AOP, {nn.Linear: AOPLinear})

@@ -1,10 +1,12 @@
-"""What every converted layer shares: its method config, its seed stream, autocast handling."""
+"""What every converted layer shares: the layer protocol (:class:`ConvertedLayer`), its method
+config and seed stream (:class:`RandomizedLayer`), estimator state across steps
+(:class:`LayerState`), autocast and padding handling, and the convolution forward."""
 
 from __future__ import annotations
 
 import collections
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +18,55 @@ if TYPE_CHECKING:
     from randprop.config import MethodConfig
 
 
-class RandomizedLayer(nn.Module):
-    """Mixin of converted layers; ``convert`` swaps a layer's class and sets these attributes.
+class ConvertedLayer(nn.Module):
+    """The layer protocol: what ``rp.convert`` / ``rp.restore`` / ``rp.method_state`` use of a
+    class they swap into a model. Every layer class a method registers (and every compact exact
+    layer, and FA's layers) derives from it, first, before the torch class it replaces
+    (``class RADLinear(RandomizedLayer, nn.Linear)``); the defaults here are what a class gets
+    by not overriding a hook.
+
+    A converted layer is the torch layer itself with its class swapped: it has no ``__init__``
+    of its own, keeps the parameters and state_dict keys, and may only add attributes that
+    :meth:`rp_release` removes again.
+    """
+
+    #: what the layer stores for backward, as the conversion report shows it (a RandomizedLayer
+    #: shows its method config instead)
+    rp_storage: ClassVar[str] = ""
+    #: names of the non-persistent buffers holding estimator state across steps (see
+    #: :class:`LayerState`); non-empty makes ``rp.method_state`` save them with the step
+    rp_buffers: ClassVar[tuple[str, ...]] = ()
+    #: the learning rule that swapped this class in and owns the layer's backward pass (FA:
+    #: "rp.rules.FA"; rp.convert refuses such layers), or "" for a converted layer
+    rp_rule: ClassVar[str] = ""
+    #: the class the layer had before conversion; set on the instance by the swap, removed by
+    #: restore
+    rp_original_class: type
+
+    @staticmethod
+    def rp_unsupported(module: nn.Module) -> str | None:
+        """Called by convert before swapping ``module``'s class to this one: the reason to keep
+        it as it is (a setting this class does not handle), shown in the report; or None to
+        convert it. Default: None."""
+        return None
+
+    def rp_release(self) -> None:
+        """Called by restore just before the original class comes back: remove what a plain
+        layer does not have (state buffers, attributes). Default: nothing to remove."""
+
+    def rp_state(self) -> dict[str, torch.Tensor]:
+        """Called by ``rp.method_state``: copies of the estimator state. Default: none."""
+        return {}
+
+    def rp_load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Called by ``rp.load_method_state`` with what :meth:`rp_state` returned. Default:
+        nothing to load."""
+
+
+class RandomizedLayer(ConvertedLayer):
+    """Converted layer with a method config and a seed stream; ``convert`` swaps a layer's class
+    and sets ``rp_method`` (the config), ``rp_seed`` (the run seed), ``rp_layer`` and
+    ``rp_step`` (0).
 
     The layer keeps its parameters and state_dict keys. A forward call whose gradient the
     method estimates may be needed (grad enabled and the weight requires grad; SparseVJP and
@@ -33,7 +82,17 @@ class RandomizedLayer(nn.Module):
     rp_seed: int = 0
     rp_layer: int = 0
     rp_step: int = 0
-    rp_original_class: type
+
+    @property
+    def rp_storage(self) -> str:
+        """The method config's string form (what the report shows)."""
+        return str(self.rp_method)
+
+    def rp_active(self, x: torch.Tensor) -> bool:
+        """Called by forward: whether this call estimates (draws a seed, stores the method's
+        compact form) or is the plain layer. Default: :meth:`rp_needs_weight_grad`; a method
+        that also acts on the input gradient (SparseVJP) says so here."""
+        return self.rp_needs_weight_grad()
 
     def rp_next_seed(self) -> int:
         """The seed of this forward call. Outside a backward pass: a fresh draw (``rp_step``
@@ -176,10 +235,8 @@ class RandomizedConvNd(RandomizedLayer):
     needed, else unbatched input and padding modes handled, then the method's functional form
     ``rp_conv(x, weight, bias, cfg, seed, stride, padding, dilation, groups)``."""
 
+    #: the method's functional convolution (1d/2d/3d by the rank of its input)
     rp_conv: staticmethod
-
-    def rp_active(self, x: torch.Tensor) -> bool:
-        return self.rp_needs_weight_grad()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (self.weight.dim() - 1, self.weight.dim()):
@@ -193,3 +250,97 @@ class RandomizedConvNd(RandomizedLayer):
         out = conv(x, self.weight, self.bias, self.rp_method, seed, self.stride, padding,
                    self.dilation, self.groups)  # fmt: skip
         return out.squeeze(0) if unbatched else out
+
+
+# --- estimator state across steps --------------------------------------------------------------
+
+
+class LayerState(nn.Module):
+    """Mixin (listed before RandomizedLayer): estimator state in non-persistent buffers named in
+    ``rp_buffers``, created on first use, plus plain attributes named in ``rp_counters``
+    (counts kept with it). The state_dict keeps the plain layer's keys; loading one resets the
+    state (the weights it was built on are replaced), except that buffers found in it (as saved
+    before they became non-persistent) are restored. :meth:`rp_state` /
+    :meth:`rp_load_state` carry it for ``rp.method_state``. Also the holder of state for a
+    method's functional form (``AOPMemory``, ``CRSState``)."""
+
+    rp_buffers: ClassVar[tuple[str, ...]] = ()
+    rp_counters: ClassVar[tuple[str, ...]] = ()
+
+    def reset_memory(self) -> None:
+        """Forget the state (the buffers are deleted and created afresh on the next forward)."""
+        for name in self.rp_buffers:
+            self._buffers.pop(name, None)
+        for name in self.rp_counters:
+            self.__dict__.pop(name, None)
+
+    def rp_release(self) -> None:
+        """Called by rp.restore: a plain layer has no estimator state."""
+        self.reset_memory()
+
+    def rp_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the state buffers that exist."""
+        return {n: self._buffers[n].detach().clone() for n in self.rp_buffers if n in self._buffers}
+
+    def rp_load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the state by ``state`` (from :meth:`rp_state`), on the weight's device."""
+        self.reset_memory()
+        weight = getattr(self, "weight", None)
+        for name in self.rp_buffers:
+            if name in state:
+                value = state[name].detach().clone()
+                value = value if weight is None else value.to(weight.device)
+                self.register_buffer(name, value, persistent=False)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        keys = {prefix + name: name for name in self.rp_buffers}
+        self.rp_load_state({keys[k]: v for k, v in state_dict.items() if k in keys})
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in keys]
+
+
+def reset_memory(model: nn.Module) -> list[str]:
+    """Forget the estimator state (AOP memory, CRS gradient-norm estimates) of every layer of
+    ``model``; returns the names of the layers reset."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LayerState):
+            module.reset_memory()
+            names.append(name)
+    return names
+
+
+class Handoff:
+    """dL/dY of one call, passed by the layer's main backward node to its :class:`WeightNode`."""
+
+    __slots__ = ("grad_out",)
+
+    def __init__(self) -> None:
+        self.grad_out: torch.Tensor | None = None
+
+
+class WeightNode(torch.autograd.Function):
+    """The weight-gradient half of a layer's backward, where the layer state is updated.
+
+    ``WeightNode.apply(weight, handoff, grad_fn, *saved)`` returns a 0-dim token that the main
+    Function takes as an input. Autograd runs this node after the main one (which stores dL/dY
+    in ``handoff`` and sends the token a zero) and only when the weight's gradient is needed in
+    that backward pass: ``grad_fn(grad_out, *saved)`` then gives the weight gradient and commits
+    the state. ``torch.autograd.grad(loss, x)`` never runs it: no state changes.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, handoff: Handoff, grad_fn, *saved):
+        ctx.save_for_backward(*saved)
+        ctx.handoff, ctx.grad_fn = handoff, grad_fn
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        grad_out, ctx.handoff.grad_out = ctx.handoff.grad_out, None
+        saved = ctx.saved_tensors  # unpacked once (a checkpoint recompute allows no second)
+        return ctx.grad_fn(grad_out, *saved), None, None, *(None for _ in saved)

@@ -38,9 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_fraction, register
-from randprop.methods.aop import Handoff, LayerState, WeightNode
-from randprop.methods.base import RandomizedLayer, autocast_inputs
+from randprop.config import MethodConfig, check_fraction, register, register_layers
+from randprop.methods.base import (
+    Handoff,
+    LayerState,
+    RandomizedLayer,
+    WeightNode,
+    autocast_inputs,
+)
 
 
 @register
@@ -67,9 +72,6 @@ class CRS(MethodConfig):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not ok or not 0 <= value < 1:
                 raise ValueError(f"crs: {field} must be a number in [0, 1){why}; got {value!r}")
-
-    def layer_class(self, module_type: type) -> type | None:
-        return CRSLinear if module_type is nn.Linear else None
 
 
 class CRSState(LayerState):
@@ -208,3 +210,6 @@ class CRSLinear(LayerState, RandomizedLayer, nn.Linear):
         if not self.rp_needs_weight_grad():
             return F.linear(x, self.weight, self.bias)
         return crs_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed(), self)
+
+
+register_layers(CRS, {nn.Linear: CRSLinear})

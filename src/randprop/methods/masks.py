@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from randprop.methods.base import ConvertedLayer
 from randprop.methods.pooling import COMPACT_POOLS
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -90,7 +91,7 @@ def relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return _MaskedLeakyReLU.apply(x, 0.0, inplace)
 
 
-class MaskedReLU(nn.ReLU):
+class MaskedReLU(ConvertedLayer, nn.ReLU):
     """nn.ReLU whose backward uses a packed 1-bit mask (``inplace`` as in nn.ReLU)."""
 
     rp_storage = "exact, 1-bit mask"
@@ -99,7 +100,7 @@ class MaskedReLU(nn.ReLU):
         return relu(x, self.inplace)
 
 
-class MaskedLeakyReLU(nn.LeakyReLU):
+class MaskedLeakyReLU(ConvertedLayer, nn.LeakyReLU):
     """nn.LeakyReLU whose backward uses a packed 1-bit mask (``inplace`` as in nn.LeakyReLU)."""
 
     rp_storage = "exact, 1-bit mask"

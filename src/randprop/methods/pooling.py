@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from randprop.methods.base import ConvertedLayer
+
 _POOL = {2: F.max_pool2d, 3: F.max_pool3d}
 _POOL_BACKWARD = {
     2: torch.ops.aten.max_pool2d_with_indices_backward,
@@ -103,7 +105,7 @@ def compact_max_pool(
     return _CompactMaxPool.apply(x, tuple(kernel_size), stride, padding, dilation, ceil_mode)
 
 
-class _CompactMaxPoolNd:
+class _CompactMaxPoolNd(ConvertedLayer):
     _dims: int
     rp_storage = "exact, 1-byte window offsets"
 
@@ -187,7 +189,7 @@ def shape_only_avg_pool(
     return _ShapeOnlyAvgPool.apply(x, tuple(kernel_size), stride, padding, *args)
 
 
-class _ShapeOnlyAvgPoolNd:
+class _ShapeOnlyAvgPoolNd(ConvertedLayer):
     _dims: int
     rp_storage = "exact, input shape only"
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_choice, check_fraction, register
+from randprop.config import MethodConfig, check_choice, check_fraction, register, register_layers
 from randprop.methods.base import (
     RandomizedConvNd,
     RandomizedLayer,
@@ -60,9 +60,6 @@ class RAD(MethodConfig):
         check_fraction("rad", "keep", self.keep)
         check_choice("rad", "mode", self.mode, ("sample", "project"))
         check_choice("rad", "same_sample", self.same_sample, (True, False))
-
-    def layer_class(self, module_type: type) -> type | None:
-        return _LAYERS.get(module_type)
 
 
 # --- the sketch of X, shape (B, G, n) --------------------------------------------------------
@@ -249,9 +246,6 @@ class RADConv3d(_RADConvNd, nn.Conv3d):
     """nn.Conv3d with RAD weight gradients."""
 
 
-_LAYERS = {
-    nn.Linear: RADLinear,
-    nn.Conv1d: RADConv1d,
-    nn.Conv2d: RADConv2d,
-    nn.Conv3d: RADConv3d,
-}
+register_layers(
+    RAD, {nn.Linear: RADLinear, nn.Conv1d: RADConv1d, nn.Conv2d: RADConv2d, nn.Conv3d: RADConv3d}
+)

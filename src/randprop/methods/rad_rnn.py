@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from randprop.config import register_layers
 from randprop.methods.base import RandomizedLayer, autocast_inputs
 from randprop.methods.masks import pack_bits, unpack_bits
-from randprop.methods.rad import _LAYERS, RAD, compress, linear_weight_grad
+from randprop.methods.rad import RAD, compress, linear_weight_grad
 from randprop.random import derive_seed
 
 _INPUT, _HIDDEN = 0, 1
@@ -363,4 +364,6 @@ class RADLSTMCell(RandomizedLayer, nn.LSTMCell):
 
 
 # RAD converts recurrent layers too: register them in its layer map.
-_LAYERS.update({nn.RNN: RADRNN, nn.LSTM: RADLSTM, nn.RNNCell: RADRNNCell, nn.LSTMCell: RADLSTMCell})
+register_layers(
+    RAD, {nn.RNN: RADRNN, nn.LSTM: RADLSTM, nn.RNNCell: RADRNNCell, nn.LSTMCell: RADLSTMCell}
+)

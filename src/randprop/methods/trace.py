@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_choice, register
+from randprop.config import MethodConfig, check_choice, register, register_layers
 from randprop.methods.base import (
     ConvArgs,
     RandomizedConvNd,
@@ -63,9 +63,6 @@ class Trace(MethodConfig):
             raise ValueError(f"trace: probes must be a positive integer; got {self.probes!r}")
         check_choice("trace", "probe", self.probe, rnd.PROBES)
         check_choice("trace", "channels", self.channels, ("multi", "independent"))
-
-    def layer_class(self, module_type: type) -> type | None:
-        return _LAYERS.get(module_type)
 
 
 def probe_tensor(
@@ -246,4 +243,4 @@ class TraceConv3d(_TraceConvNd, nn.Conv3d):
     """nn.Conv3d with trace-estimated weight gradients."""
 
 
-_LAYERS = {nn.Conv1d: TraceConv1d, nn.Conv2d: TraceConv2d, nn.Conv3d: TraceConv3d}
+register_layers(Trace, {nn.Conv1d: TraceConv1d, nn.Conv2d: TraceConv2d, nn.Conv3d: TraceConv3d})

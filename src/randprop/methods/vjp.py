@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import METHODS, MethodConfig, check_choice, check_fraction, register
+from randprop.config import MethodConfig, check_choice, check_fraction, register, register_layers
 from randprop.methods.base import (
     RandomizedConvNd,
     RandomizedLayer,
@@ -48,7 +48,7 @@ PROJECTIONS = ("lowrank", "gaussian")
 STRUCTURES = ("element", "row", "column")
 
 
-@register
+@register(aliases=("sparsevjp",))
 @dataclasses.dataclass(frozen=True)
 class SparseVJP(MethodConfig):
     """Unbiased sketch S (E[S] = I) of the gradient at the outputs of converted layers.
@@ -81,12 +81,6 @@ class SparseVJP(MethodConfig):
                 "vjp: budget='row' applies to sketch='optimal', structure='element' only; "
                 f"got sketch={self.sketch!r}, structure={self.structure!r}"
             )
-
-    def layer_class(self, module_type: type) -> type | None:
-        return _LAYERS.get(module_type)
-
-
-METHODS["sparsevjp"] = SparseVJP
 
 
 # --- the sketches ---------------------------------------------------------------------------
@@ -502,9 +496,7 @@ class VJPConv3d(_VJPConvNd, nn.Conv3d):
     """nn.Conv3d whose output gradient passes through an unbiased SparseVJP sketch."""
 
 
-_LAYERS = {
-    nn.Linear: VJPLinear,
-    nn.Conv1d: VJPConv1d,
-    nn.Conv2d: VJPConv2d,
-    nn.Conv3d: VJPConv3d,
-}
+register_layers(
+    SparseVJP,
+    {nn.Linear: VJPLinear, nn.Conv1d: VJPConv1d, nn.Conv2d: VJPConv2d, nn.Conv3d: VJPConv3d},
+)

@@ -3,7 +3,8 @@
 For y = x W^T + b (Linear) or y = conv(x, W) + b: dL/dW and dL/db are exact, dL/dx = g B
 (Linear) or conv_transpose(g, B) (conv), with B of W's shape, He-normal N(0, 2/fan_in), fixed for
 the run by (seed, layer index). FA(model) swaps the class of every plain nn.Linear / nn.ConvNd
-to a subclass with the same parameters and state_dict keys (as randprop.convert does); .remove()
+to a subclass with the same parameters and state_dict keys, by randprop.convert's swap (its
+layers keep the layer protocol of randprop.methods.base); .remove(), or rp.restore(model),
 swaps them back. B is drawn once and kept (``store=True``) or regenerated from its seed in every
 backward pass (``store=False``: no memory for B, one Gaussian draw per layer and step).
 """
@@ -15,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.methods.base import RandomizedLayer, autocast_inputs
+from randprop.convert import restore_layer, swap_layer
+from randprop.methods.base import ConvertedLayer, RandomizedLayer, autocast_inputs, explicit_padding
 from randprop.rules._core import he_normal
-from randprop.train.learning_rules import LossFn, register_rule
+from randprop.rules.registry import LossFn, register_rule
 
 
-class _FAMixin(nn.Module):
+class _FAMixin(ConvertedLayer):
     rp_rule = "rp.rules.FA"  # rp.convert refuses layers under a rule
     rp_fa_seed: int
     rp_fa_feedback: torch.Tensor | None  # the stored B, or None to regenerate it
@@ -30,6 +32,11 @@ class _FAMixin(nn.Module):
             return self.rp_fa_feedback
         w = self.weight
         return he_normal(tuple(w.shape), w[0].numel(), self.rp_fa_seed, w.device, w.dtype)
+
+    def rp_release(self) -> None:
+        """Called on restore: a plain layer has no feedback matrix."""
+        self.__dict__.pop("rp_fa_seed", None)
+        self.__dict__.pop("rp_fa_feedback", None)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rule=fa"
@@ -59,25 +66,23 @@ class FALinear(_FAMixin, nn.Linear):
         return _FALinearFn.apply(x, w, b, self)
 
 
-def _conv_args(layer: nn.Module) -> tuple:
-    """aten.convolution's (stride, padding, dilation, transposed, output_padding, groups); a
-    non-zeros padding_mode pads the input beforehand (as nn.ConvNd does)."""
-    d = len(layer.kernel_size)
-    padding = layer.padding if layer.padding_mode == "zeros" else (0,) * d
-    return layer.stride, padding, layer.dilation, False, (0,) * d, layer.groups
+def _conv_args(layer: nn.Module, padding: tuple[int, ...]) -> tuple:
+    """aten.convolution's (stride, padding, dilation, transposed, output_padding, groups)."""
+    return layer.stride, padding, layer.dilation, False, (0,) * len(padding), layer.groups
 
 
 class _FAConvFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
+    def forward(ctx, x, weight, bias, layer, padding):
         ctx.save_for_backward(x)
         ctx.layer, ctx.bias_shape = layer, None if bias is None else bias.shape
-        return torch.ops.aten.convolution(x, weight, bias, *_conv_args(layer))
+        ctx.args = _conv_args(layer, padding)
+        return torch.ops.aten.convolution(x, weight, bias, *ctx.args)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        layer, args = ctx.layer, _conv_args(ctx.layer)
+        layer, args = ctx.layer, ctx.args
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             b = layer.rp_feedback().to(g.dtype)
@@ -90,15 +95,14 @@ class _FAConvFn(torch.autograd.Function):
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 g, x, w, ctx.bias_shape, *args, mask
             )
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class _FAConv(_FAMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        x, padding = explicit_padding(self, x)  # padding modes and 'same' / 'valid'
         x, w, b = autocast_inputs(x, self.weight, self.bias)
-        return _FAConvFn.apply(x, w, b, self)
+        return _FAConvFn.apply(x, w, b, self, tuple(padding))
 
 
 class FAConv1d(_FAConv, nn.Conv1d):
@@ -121,16 +125,10 @@ _LAYERS: dict[type, type] = {
 }
 
 
-def _skip_reason(module: nn.Module) -> str | None:
-    if isinstance(module, nn.modules.conv._ConvNd) and isinstance(module.padding, str):
-        return f"padding={module.padding!r} (give explicit padding)"
-    return None
-
-
 class FA:
     """Feedback alignment on every plain Linear / Conv1d-3d of ``model`` (in place).
 
-    .layers: names of the converted layers; .skipped: {name: reason}; .feedback: {name: B}
+    .layers: names of the converted layers; .feedback: {name: B}
     (the stored matrices, empty with store=False; they may be overwritten in place).
     """
 
@@ -145,9 +143,8 @@ class FA:
             raise ValueError(f"store must be True or False, got {store!r}")
         self.model, self.loss_fn = model, loss_fn
         self.layers: list[str] = []
-        self.skipped: dict[str, str] = {}
         self.feedback: dict[str, torch.Tensor] = {}
-        self._swapped: list[tuple[nn.Module, type]] = []
+        self._swapped: list[nn.Module] = []
         converted = [
             n or "<root>" for n, m in model.named_modules() if isinstance(m, RandomizedLayer)
         ]
@@ -160,13 +157,10 @@ class FA:
             cls = _LAYERS.get(type(module))
             if cls is None:
                 continue
-            if (reason := _skip_reason(module)) is not None:
-                self.skipped[name] = reason
-                continue
-            self._swapped.append((module, type(module)))
+            self._swapped.append(module)
+            swap_layer(module, cls)
             module.rp_fa_seed = rnd.derive_seed(seed, len(self.layers), stream=rnd.STREAM_FA)
             module.rp_fa_feedback = None
-            module.__class__ = cls
             if store:
                 module.rp_fa_feedback = module.rp_feedback()
                 self.feedback[name] = module.rp_fa_feedback
@@ -183,10 +177,11 @@ class FA:
         return loss.detach()
 
     def remove(self) -> None:
-        """Give the layers their original classes back (parameters untouched)."""
-        for module, cls in self._swapped:
-            module.__class__ = cls
-            del module.rp_fa_seed, module.rp_fa_feedback
+        """Give the layers their original classes back (parameters untouched); the layers that
+        rp.restore already gave back are left as they are."""
+        for module in self._swapped:
+            if isinstance(module, _FAMixin):
+                restore_layer(module)
         self._swapped.clear()
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from randprop.rules._core import BoundaryHooks, FeedbackMatrices, boundaries
-from randprop.train.learning_rules import LossFn, register_rule
+from randprop.rules.registry import LossFn, register_rule
 
 
 class MemDFA:

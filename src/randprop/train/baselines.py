@@ -31,15 +31,7 @@ from randprop.train.learning_rules import LEARNING_RULES, Backprop, LearningRule
 BLOCK_LISTS = ("blocks", "layers", "layer", "h")
 
 
-def _register_rules() -> None:
-    try:
-        import randprop.rules  # noqa: F401 (registers fa, dfa, memdfa)
-    except ImportError:  # a checkout without the rules package still trains per-layer methods
-        pass
-
-
 def method_choices() -> list[str]:
-    _register_rules()
     return sorted({*METHODS, *LEARNING_RULES, "checkpoint"})
 
 
@@ -52,8 +44,6 @@ def install(
     that converts no weight layer of the model (e.g. trace on an MLP) raises ValueError naming
     the model (``model_name``, else its class), the method and why each layer was skipped.
     """
-    _register_rules()
-
     name, _, options = str(method).strip().partition(":")
     name = name.strip().lower()
     if name == "checkpoint":
