@@ -328,6 +328,24 @@ def test_peak_bytes_differ_by_the_saved_bytes_they_differ_in(tmp_path, small):
     assert summaries["0-big"]["peak_bytes"] == base["peak_bytes"]  # ... never the dataset
 
 
+def test_peak_forward_backward_bytes_show_the_saved_bytes(tmp_path, small):
+    """peak_forward_backward_bytes (no optimizer step) is at most peak_bytes, and RAD's is below
+    exact's by most of the bytes it saves less, less the batch (exact saves the batch, which is
+    held anyway). Batch 1000: the MLP's activations outweigh its gradients, so the forward +
+    backward peak sits where the saved tensors are held (at batch 150 it sits at the end of
+    backward, where only the first layer's stored values remain, in both runs)."""
+    runs = {}
+    for method in ("exact", "rad:keep=0.1"):
+        kw = dict(method=method, batch=1000, steps=2, optimizer="adam", log_every=0)
+        runs[method] = train(cfg(tmp_path, method.replace(":", "-"), **kw), splits=small)
+    for summary in runs.values():
+        assert 0 < summary["peak_forward_backward_bytes"] <= summary["peak_bytes"]
+    exact, rad = runs["exact"], runs["rad:keep=0.1"]
+    expected = exact["saved_bytes"] - rad["saved_bytes"] - 1000 * 784 * 4
+    less = exact["peak_forward_backward_bytes"] - rad["peak_forward_backward_bytes"]
+    assert 0.6 * expected <= less <= expected, (less, expected)
+
+
 def test_matched_batch_leaves_the_users_model_untouched(small):
     x, y = (t[:64].clone() for t in small.train.tensors)
     torch.manual_seed(0)

@@ -45,8 +45,9 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a boolean tensor of ``shape``."""
     numel = shape.numel()
-    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.view(-1)[:numel].view(shape).bool()
+    bits = packed.unsqueeze(1) >> _SHIFTS.to(packed.device)
+    bits &= 1  # in place, and read as bool without a copy: one byte per element in all
+    return bits.view(-1)[:numel].view(shape).view(torch.bool)
 
 
 class _MaskedLeakyReLU(torch.autograd.Function):
@@ -63,12 +64,12 @@ class _MaskedLeakyReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (packed,) = ctx.saved_tensors
-        # PyTorch's own backward kernels, fed 1.0 / 0.0 for x > 0 / x <= 0: same semantics
-        positive = unpack_bits(packed, ctx.shape).to(grad_out.dtype)
-        if ctx.negative_slope:
-            grad = torch.ops.aten.leaky_relu_backward(grad_out, positive, ctx.negative_slope, False)
-        else:
-            grad = torch.ops.aten.threshold_backward(grad_out, positive, 0)
+        positive = unpack_bits(packed, ctx.shape)
+        if not ctx.negative_slope:  # as threshold_backward: the gradient where x > 0, else 0
+            return torch.where(positive, grad_out, 0), None, None
+        # PyTorch's own backward kernel, fed 1.0 / 0.0 for x > 0 / x <= 0: same semantics
+        positive = positive.to(grad_out.dtype)
+        grad = torch.ops.aten.leaky_relu_backward(grad_out, positive, ctx.negative_slope, False)
         return grad, None, None
 
 

@@ -18,11 +18,16 @@ B = batch, G = channels, n = spatial positions. With keep fraction p:
   signs s (X_hat = ((X * s) R) R^T * s), which decorrelates the examples at no storage cost.
 
 Only the seed of the randomness is kept; backward regenerates every draw.
+Backward rebuilds X_hat a chunk of rows at a time (see :func:`x_hat_chunks`), so that besides
+the stored values it holds about as much again, not X's size. Project mode also holds R
+(n x k) whole while compressing and decompressing: for a wide Linear layer at a small batch
+that can exceed the stored values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,57 +68,106 @@ class RAD(MethodConfig):
 
 
 # --- the sketch of X, shape (B, G, n) --------------------------------------------------------
+#
+# Backward rebuilds X_hat a chunk of rows (along B) at a time, each chunk about as large as the
+# stored values, so that its transient memory stays near what RAD saved rather than the size of
+# X. The draws are made so that the chunks read off the same draw as one piece would: the window
+# shifts and the permutation are drawn whole (B*G + n numbers) and each chunk's indices built from
+# them; per-row signs are drawn chunk after chunk in row order, in compress and decompress alike.
+
+
+def rows_per_chunk(b: int, k: int, n: int) -> int:
+    """Rows of the B dimension per chunk: c with c*n <= B*k (at least 1), so that a chunk of
+    X_hat (c, G, n) holds no more elements than the stored values (B, G, k)."""
+    return max(1, (b * k) // n)
+
+
+def _chunks(rows: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
+
+
+def _window_draw(shape: torch.Size, gen: torch.Generator, device) -> tuple[torch.Tensor, ...]:
+    """The draw behind :func:`row_windows`: one permutation of range(n), one shift per row."""
+    b, g, n = shape
+    perm = torch.randperm(n, generator=gen, device=device)
+    return perm, torch.randint(0, n, (b, g, 1), generator=gen, device=device)
+
+
+def _windows(perm: torch.Tensor, shift: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices perm[(shift + j) % n], j < k, of the rows whose shifts are ``shift`` (c, G, 1)."""
+    return perm[(shift + torch.arange(k, device=shift.device)) % perm.numel()]
 
 
 def row_windows(shape: torch.Size, k: int, gen: torch.Generator, device) -> torch.Tensor:
     """(B, G, k) indices: for each row a cyclic window of length k, at a uniform random shift,
     of one random permutation of range(n) shared by the rows."""
-    b, g, n = shape
-    perm = torch.randperm(n, generator=gen, device=device)
-    shift = torch.randint(0, n, (b, g, 1), generator=gen, device=device)
-    return perm[(shift + torch.arange(k, device=device)) % n]
+    perm, shift = _window_draw(shape, gen, device)
+    return _windows(perm, shift, k)
 
 
 def compress(x: torch.Tensor, cfg: RAD, seed: int) -> torch.Tensor:
     """The values RAD stores for ``x`` of shape (B, G, n)."""
     gen = rnd.generator(seed, x.device)
     b, g, n = x.shape
+    if cfg.mode == "sample" and cfg.same_sample:
+        idx = rnd.sample_indices(g * n, rnd.kept_count(g * n, cfg.keep), gen, x.device)
+        return x.reshape(b, g * n)[:, idx]
+    k = rnd.kept_count(n, cfg.keep)
     if cfg.mode == "sample":
+        perm, shift = _window_draw(x.shape, gen, x.device)
+    else:
+        r = rnd.projection(n, k, gen, x.device, x.dtype)
         if cfg.same_sample:
-            idx = rnd.sample_indices(g * n, rnd.kept_count(g * n, cfg.keep), gen, x.device)
-            return x.reshape(b, g * n)[:, idx]
-        return x.gather(2, row_windows(x.shape, rnd.kept_count(n, cfg.keep), gen, x.device))
-    r = rnd.projection(n, rnd.kept_count(n, cfg.keep), gen, x.device, x.dtype)
-    if not cfg.same_sample:
-        x = x * rnd.rademacher(x.shape, gen, x.device, x.dtype)
-    return x @ r
+            return x @ r
+    stored = x.new_empty(b, g, k)
+    for rows in _chunks(b, rows_per_chunk(b, k, n)):
+        part = x[rows]
+        if cfg.mode == "sample":
+            torch.gather(part, 2, _windows(perm, shift[rows], k), out=stored[rows])
+        else:
+            torch.matmul(
+                part * rnd.rademacher(part.shape, gen, x.device, x.dtype), r, out=stored[rows]
+            )
+    return stored
 
 
-def decompress(stored: torch.Tensor, shape: torch.Size, cfg: RAD, seed: int) -> torch.Tensor:
-    """X_hat of ``shape`` (B, G, n) from the stored values, regenerating the draw from ``seed``."""
+def x_hat_chunks(
+    stored: torch.Tensor, shape: torch.Size, cfg: RAD, seed: int
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """X_hat of ``shape`` (B, G, n) from the stored values, regenerating the draw from ``seed``:
+    yields (rows, X_hat[rows]) for consecutive chunks of rows of B (see :func:`rows_per_chunk`)."""
     gen = rnd.generator(seed, stored.device)
     b, g, n = shape
     dtype, device = stored.dtype, stored.device
+    if cfg.mode == "sample" and cfg.same_sample:
+        k = rnd.kept_count(g * n, cfg.keep)
+        idx = rnd.sample_indices(g * n, k, gen, device)
+        for rows in _chunks(b, rows_per_chunk(b, k, g * n)):
+            x_hat = torch.zeros(stored[rows].shape[0], g * n, dtype=dtype, device=device)
+            x_hat[:, idx] = stored[rows] * (g * n / k)
+            yield rows, x_hat.view(-1, g, n)
+        return
+    k = rnd.kept_count(n, cfg.keep)
     if cfg.mode == "sample":
-        x_hat = torch.zeros(shape, dtype=dtype, device=device)
-        if cfg.same_sample:
-            k = rnd.kept_count(g * n, cfg.keep)
-            idx = rnd.sample_indices(g * n, k, gen, device)
-            x_hat.view(b, g * n)[:, idx] = stored * (g * n / k)
+        perm, shift = _window_draw(shape, gen, device)
+    else:
+        r = rnd.projection(n, k, gen, device, dtype)
+    for rows in _chunks(b, rows_per_chunk(b, k, n)):
+        if cfg.mode == "sample":
+            x_hat = torch.zeros(stored[rows].shape[:2] + (n,), dtype=dtype, device=device)
+            x_hat.scatter_(2, _windows(perm, shift[rows], k), stored[rows] * (n / k))
         else:
-            k = rnd.kept_count(n, cfg.keep)
-            x_hat.scatter_(2, row_windows(shape, k, gen, device), stored * (n / k))
-        return x_hat
-    r = rnd.projection(n, rnd.kept_count(n, cfg.keep), gen, device, dtype)
-    signs = None if cfg.same_sample else rnd.rademacher(shape, gen, device, dtype)
-    x_hat = stored @ r.T
-    return x_hat if signs is None else x_hat * signs
+            x_hat = stored[rows] @ r.T
+            if not cfg.same_sample:
+                x_hat *= rnd.rademacher(x_hat.shape, gen, device, dtype)
+        yield rows, x_hat
 
 
 def linear_weight_grad(
     grad_out: torch.Tensor, stored: torch.Tensor, in_features: int, cfg: RAD, seed: int
 ) -> torch.Tensor:
-    """dW = D^T X_hat for D (N x m), using the cheap factorisation where the sketch allows."""
+    """dW = D^T X_hat for D (N x m): in closed form where the sketch is shared by the rows,
+    else summed over chunks of rows, dW = sum_c D_c^T X_hat_c."""
     n_rows = grad_out.shape[0]
     if cfg.same_sample:
         stored = stored.view(n_rows, -1)
@@ -128,8 +182,11 @@ def linear_weight_grad(
             in_features, rnd.kept_count(in_features, cfg.keep), gen, stored.device, stored.dtype
         )
         return (grad_out.T @ stored) @ r.T
-    x_hat = decompress(stored, torch.Size((n_rows, 1, in_features)), cfg, seed)
-    return grad_out.T @ x_hat.view(n_rows, in_features)
+    grad_w = None
+    for rows, x_hat in x_hat_chunks(stored, torch.Size((n_rows, 1, in_features)), cfg, seed):
+        d, x_hat = grad_out[rows].T, x_hat.view(-1, in_features)
+        grad_w = d @ x_hat if grad_w is None else grad_w.addmm_(d, x_hat)
+    return grad_w
 
 
 # --- Linear ---------------------------------------------------------------------------------
@@ -198,14 +255,27 @@ class _RADConvFn(torch.autograd.Function):
         weight = saved_weight(ctx, weight, grad_out)
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
-        x_hat = None
-        if need_w:
+        grad_x = grad_w = grad_b = None
+        if need_w:  # sum over chunks of the batch of the chunk's weight gradient
             b, c = ctx.x_shape[:2]
             shape = torch.Size((b, c, ctx.x_shape[2:].numel()))
-            x_hat = decompress(stored, shape, ctx.cfg, ctx.seed).view(ctx.x_shape)
-        grad_x, grad_w, grad_b = conv_backward(
-            grad_out, x_hat, ctx.x_shape, weight, ctx.bias_shape, ctx.conv, [need_x, need_w, need_b]
-        )
+            for rows, x_hat in x_hat_chunks(stored, shape, ctx.cfg, ctx.seed):
+                grad = grad_out[rows]
+                x_hat = x_hat.view(grad.shape[0], *ctx.x_shape[1:])
+                part = conv_backward(
+                    grad, x_hat, x_hat.shape, weight, None, ctx.conv, [False, True, False]
+                )[1]
+                grad_w = part if grad_w is None else grad_w.add_(part)
+        if need_x or need_b:
+            grad_x, _, grad_b = conv_backward(
+                grad_out,
+                None,
+                ctx.x_shape,
+                weight,
+                ctx.bias_shape,
+                ctx.conv,
+                [need_x, False, need_b],
+            )
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 

@@ -11,7 +11,10 @@ forward, backward, optimizer step), measured over the first ``PEAK_STEPS`` steps
 start; elsewhere randprop.measure.peak.track_peak, counting the model's parameters, gradients,
 buffers and method state, the optimizer state, the batch and every tensor the step allocates
 (what autograd saves, gradients, temporaries), never the dataset. A resumed run keeps the larger
-of the checkpoint's figure and its own; null when no step was measured.
+of the checkpoint's figure and its own; null when no step was measured. peak_forward_backward_bytes
+is the same over zero_grad, forward and backward only (without the optimizer step, whose state
+and update temporaries can dominate a small model's peak): it is where the methods' saved bytes
+show.
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ from randprop.train.config import TrainConfig
 RESUME_KEYS = ("model", "data", "method", "match_memory_of", "seed", "batch")
 PEAK_STEPS = 3  # training steps of each process whose peak memory is measured
 Callback = Callable[[int, float], None]
+
+
+def _step_meter(tracked: bool, device, model, optimizer, rule, x, y):
+    """A peak meter of a part of a training step (see :mod:`randprop.measure.peak`) counting what
+    the step holds at its start, or a no-op when the step is not tracked."""
+    if not tracked:
+        return nullcontext()
+    return peak_memory(device, [*state_tensors(model, optimizer, rule), x, y])
 
 
 def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -215,7 +226,8 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
                 "match_memory_of": cfg.match_memory_of, "seed": cfg.seed, "batch": batch}  # fmt: skip
     step = 0
     progress_state = {"losses": [], "window": [], "step_times": [], "train_seconds": 0.0,
-                      "peak_bytes": None, "peak_step_times": []}  # fmt: skip
+                      "peak_bytes": None, "peak_forward_backward_bytes": None,
+                      "peak_step_times": []}  # fmt: skip
 
     if cfg.resume:
         ckpt = load_checkpoint(out / CHECKPOINT)
@@ -287,13 +299,13 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
                 x, y = x_train[idx].to(device), y_train[idx].to(device)
                 in_step = True
                 tracked = measured < PEAK_STEPS
-                held = [*state_tensors(model, optimizer, rule), x, y] if tracked else []
-                meter = peak_memory(device, held) if tracked else nullcontext()
-                del held
+                meter = _step_meter(tracked, device, model, optimizer, rule, x, y)
                 t0 = time.perf_counter()
                 with meter:
                     optimizer.zero_grad(set_to_none=True)
                     loss = float(rule.backward(x, y).detach())
+                step_meter = _step_meter(tracked, device, model, optimizer, rule, x, y)
+                with step_meter:  # the whole step's peak: the larger of the two parts
                     optimizer.step()
                 scheduler.step()
                 seconds = time.perf_counter() - t0
@@ -303,8 +315,10 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
                 if tracked:  # timed apart: tracking slows a step down
                     measured += 1
                     progress_state["peak_step_times"].append(seconds)
-                    peaks = (progress_state["peak_bytes"], meter.bytes)
-                    progress_state["peak_bytes"] = max(p for p in peaks if p is not None)
+                    for key, part in (("peak_forward_backward_bytes", meter.bytes),
+                                      ("peak_bytes", max(meter.bytes, step_meter.bytes))):  # fmt: skip
+                        peaks = (progress_state[key], part)
+                        progress_state[key] = max(p for p in peaks if p is not None)
                 else:
                     progress_state["step_times"].append(seconds)
                 progress_state["losses"] = [*progress_state["losses"][-49:], loss]
@@ -358,6 +372,7 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
         "saved_bytes": saved,
         "exact_saved_bytes": exact_saved,
         "peak_bytes": progress_state["peak_bytes"],
+        "peak_forward_backward_bytes": progress_state["peak_forward_backward_bytes"],
         "seconds_per_step": times[len(times) // 2] if times else math.nan,
         "threads": torch.get_num_threads(),
         "train_seconds": progress_state["train_seconds"],
