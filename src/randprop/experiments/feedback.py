@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
+from randprop.experiments import report
 from randprop.experiments.registry import suite
 from randprop.measure.peak import state_tensors, track_peak
 from randprop.measure.saved import track_saved
@@ -313,10 +314,7 @@ def _claims(summary: list[dict], depth: list[dict]) -> list[str]:
 
 
 def plot(depth: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fields = (
         ("saved_bytes", "peak saved for backward (MiB)", 2**20),

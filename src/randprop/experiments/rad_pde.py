@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from randprop.experiments import report
 from randprop.experiments.registry import suite
 from randprop.measure import track_saved
 from randprop.pde import ControlProblem, ReactionDiffusion, Storage
@@ -143,10 +144,7 @@ def optimisation_curves(problem: ReactionDiffusion, iterations: int, lr: float) 
 
 
 def _plots(out: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, (ax, gap) = plt.subplots(1, 2, figsize=(11, 4))
     exact = results["curves"][0]["objective"]

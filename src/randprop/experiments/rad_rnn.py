@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from randprop.convert import convert
 from randprop.data import load_dataset
+from randprop.experiments import report
 from randprop.experiments.registry import suite
 from randprop.measure.profile import saved_for_backward
 from randprop.models import build_model
@@ -159,10 +160,7 @@ def _smooth(values: list[float], width: int) -> list[float]:
 
 
 def _plots(out: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {}

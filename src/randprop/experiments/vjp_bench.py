@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop.convert import convert
+from randprop.experiments import report
 from randprop.experiments.registry import suite
 from randprop.measure.saved import track_saved
 from randprop.models.feedforward import mlp
@@ -284,10 +285,7 @@ def tradeoff(name: str, setup: Setup, test_size: int, repeats: int) -> dict:
 
 
 def _plots(out: Path, results: dict) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     names = []
     fig, axes = plt.subplots(1, len(results["tradeoff"]), figsize=(5 * len(results["tradeoff"]), 4))

@@ -44,7 +44,7 @@ def method_choices() -> list[str]:
 
 
 def install(
-    model: nn.Module, method: str, loss_fn: LossFn, seed: int, *, model_name: str | None = None
+    model: nn.Module, method: str | dict[str, str], loss_fn: LossFn, seed: int, *, model_name: str | None = None
 ) -> LearningRule:
     """Install ``method`` on ``model`` in place; return the rule that computes gradients.
 
@@ -53,6 +53,10 @@ def install(
     the model (``model_name``, else its class), the method and why each layer was skipped.
     """
     _register_rules()
+    if isinstance(method, dict):  # module-name patterns -> per-layer methods
+        rule = Backprop(model, loss_fn, seed)
+        rule.report = convert(model, method, seed=seed)
+        return rule
 
     name, _, options = str(method).strip().partition(":")
     name = name.strip().lower()
