@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.data import TensorDataset
 
 from randprop.experiments import report
 from randprop.experiments.registry import suite
@@ -37,6 +39,8 @@ from randprop.models import build_model
 from randprop.models.feedforward import mlp
 from randprop.random import derive_seed, generator
 from randprop.rules import DFA, FA, MemDFA
+from randprop.train import TrainConfig, train
+from randprop.train.loop import epoch_batches, permutations
 
 RULES = ("bp", "fa", "dfa", "memdfa")
 DEPTH_METHODS = ("bp", "checkpoint", "fa", "fa-regen", "dfa", "memdfa")
@@ -87,41 +91,22 @@ def _install(
     return lambda x, y: F.cross_entropy(model(x), y).backward()
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, data: torch.utils.data.TensorDataset, batch: int = 2000) -> float:
-    model.eval()
-    x, y = data.tensors
-    correct = sum(
-        (model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item()
-        for i in range(0, len(y), batch)
-    )
-    model.train()
-    return correct / len(y)
-
-
 def train_run(splits, plan: dict, rule: str, seed: int, lr: float, subset: int | None) -> dict:
     """Train one model with one rule; the global RNG (init, dropout) is forked and seeded."""
     x_all, y_all = splits.train.tensors
     if subset is not None:
         x_all, y_all = x_all[:subset], y_all[:subset]
+        splits = dataclasses.replace(splits, train=TensorDataset(x_all, y_all))
     n, batch, epochs = len(y_all), plan["batch"], plan["epochs"]
-    steps = epochs * math.ceil(n / batch)
-    start = time.perf_counter()
+    order = permutations(n, generator(derive_seed(seed, 0, 0)))
+    cfg = TrainConfig(model=plan["model"], method="exact" if rule == "bp" else rule, batch=batch,
+                      steps=epochs * math.ceil(n / batch), seed=seed, lr=lr,
+                      schedule="onecycle", log_every=0, eval_batch=2000, progress=False)  # fmt: skip
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = build_model(plan["model"], **plan["kwargs"])
-        step = _install(rule, model, seed)
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-        gen = generator(derive_seed(seed, 0, 0))
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=gen)
-            for i in range(0, n, batch):
-                idx = order[i : i + batch]
-                opt.zero_grad(set_to_none=True)
-                step(x_all[idx], y_all[idx])
-                opt.step()
-                sched.step()
+        summary = train(cfg, splits=splits, model=model,
+                        batches=epoch_batches(n, batch, order, drop_last=False))  # fmt: skip
     return {
         "model": plan["model"],
         "rule": rule,
@@ -129,9 +114,9 @@ def train_run(splits, plan: dict, rule: str, seed: int, lr: float, subset: int |
         "epochs": epochs,
         "batch": batch,
         "train_examples": n,
-        "val_accuracy": accuracy(model, splits.val),
-        "test_accuracy": accuracy(model, splits.test),
-        "seconds": time.perf_counter() - start,
+        "val_accuracy": summary["val_accuracy"],
+        "test_accuracy": summary["test_accuracy"],
+        "seconds": summary["wall_seconds"],
     }
 
 
