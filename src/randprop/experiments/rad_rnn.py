@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from randprop.convert import convert
 from randprop.data import load_dataset
@@ -26,16 +26,21 @@ from randprop.experiments.registry import suite
 from randprop.measure.profile import saved_for_backward
 from randprop.models import build_model
 from randprop.random import derive_seed, generator
+from randprop.train import TrainConfig, evaluate, train
 
 BATCH = 150
 KEEP = 0.1
 LR = 1e-3
 
 
-def _model(name: str, method: str, seed: int, pixels: bool = False):
+def _build(name: str, seed: int, pixels: bool = False):
     with torch.random.fork_rng():  # the head's default init draws from the global RNG
         torch.manual_seed(seed)
-        model = build_model(name, pixels=pixels, **({"seed": seed} if name == "irnn" else {}))
+        return build_model(name, pixels=pixels, **({"seed": seed} if name == "irnn" else {}))
+
+
+def _model(name: str, method: str, seed: int, pixels: bool = False):
+    model = _build(name, seed, pixels)
     convert(model, method, seed=seed)
     return model
 
@@ -97,15 +102,6 @@ def memory_table(train, pixels: bool) -> tuple[list[dict], int]:
     return rows, small
 
 
-@torch.no_grad()
-def accuracy(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 2000) -> float:
-    hits = sum(
-        (model(x[i : i + chunk]).argmax(1) == y[i : i + chunk]).sum().item()
-        for i in range(0, len(x), chunk)
-    )
-    return hits / len(x)
-
-
 def train_run(
     splits,
     method: str,
@@ -117,31 +113,32 @@ def train_run(
     val_size: int,
 ) -> dict:
     """Adam on the IRNN; train loss per iteration, validation accuracy every ``every``."""
-    model = _model("irnn", method, seed, pixels)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    x, y = splits.train.tensors
-    xv, yv = (t[:val_size] for t in splits.val.tensors)
+    model = _build("irnn", seed, pixels)
+    n = len(splits.train)
+    val = TensorDataset(*(t[:val_size] for t in splits.val.tensors))
     gen = generator(derive_seed(seed, 7))
-    losses, val, cpu = [], [], 0.0
-    for it in range(1, iterations + 1):
-        idx = torch.randint(0, len(x), (batch,), generator=gen)
-        start = time.process_time()
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        cpu += time.process_time() - start
-        losses.append(loss.item())
+    losses, val_acc, cpu = [], [], {"seconds": 0.0, "last": time.process_time()}
+
+    def on_step(it: int, loss: float) -> None:
+        cpu["seconds"] += time.process_time() - cpu["last"]
+        losses.append(loss)
         if it % every == 0 or it == iterations:
-            val.append((it, accuracy(model, xv, yv)))
+            val_acc.append((it, evaluate(model, val, 2000, torch.device("cpu"))["accuracy"]))
+        cpu["last"] = time.process_time()
+
+    cfg = TrainConfig(model="irnn", data="seq-mnist", method=method, batch=batch,
+                      steps=iterations, seed=seed, lr=LR, log_every=0, eval_batch=2000,
+                      progress=False)  # fmt: skip
+    summary = train(cfg, splits=splits, model=model, callback=on_step,
+                    batches=lambda _: torch.randint(0, n, (batch,), generator=gen))  # fmt: skip
     return {
         "method": method,
         "batch": batch,
         "seed": seed,
         "train_loss": losses,
-        "val_accuracy": val,
-        "test_accuracy": accuracy(model, *splits.test.tensors),
-        "cpu_seconds_per_iteration": cpu / iterations,
+        "val_accuracy": val_acc,
+        "test_accuracy": summary["test_accuracy"],
+        "cpu_seconds_per_iteration": cpu["seconds"] / iterations,
     }
 
 
