@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -404,31 +403,23 @@ def write_report(out: Path, results: dict, quick: bool) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def _load() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 @suite("feedback", "MEM-DFA: MNIST accuracy of BP/FA/DFA/MEM-DFA; memory and time against depth")
 def run(out: Path, quick: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cfg = QUICK if quick else FULL
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    start, load_before = time.perf_counter(), _load()
+    start, load_before = time.perf_counter(), report.load()
     try:
         depth = depth_table(cfg)
         acc = accuracy_table(cfg)
     finally:
         torch.set_num_threads(threads)
     results = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}, 1 thread, "
-        f"torch {torch.__version__}, CPU",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": report.machine(1),
+        "date": report.date(),
         "load_before": load_before,
-        "load_after": _load(),
+        "load_after": report.load(),
         "wall_seconds": time.perf_counter() - start,
         "config": cfg,
         "accuracy": acc,

@@ -10,8 +10,6 @@ exceed RAD's at 150 (the memory-matched small batch). Rows of the image are the 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from randprop.measure.profile import saved_for_backward
 from randprop.models import build_model
 from randprop.random import derive_seed, generator
 from randprop.train import TrainConfig, evaluate, train
+from randprop.train.baselines import largest_batch
 
 BATCH = 150
 KEEP = 0.1
@@ -53,18 +52,6 @@ def saved_bytes(name: str, method: str, x: torch.Tensor, y: torch.Tensor, pixels
     return round(statistics.mean(values))
 
 
-def matched_batch(budget: int, x: torch.Tensor, y: torch.Tensor, pixels: bool) -> int:
-    """The largest batch b <= len(x) whose exact saved bytes are at most ``budget``."""
-    lo, hi = 0, len(x)  # bytes grow with the batch: bisect
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if saved_bytes("irnn", "exact", x[:mid], y[:mid], pixels) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def memory_table(train, pixels: bool) -> tuple[list[dict], int]:
     x, y = train.tensors
     x, y = x[:BATCH], y[:BATCH]
@@ -87,7 +74,12 @@ def memory_table(train, pixels: bool) -> tuple[list[dict], int]:
             )
         if name == "irnn":
             budget = rows[1]["saved_bytes"]
-            small = matched_batch(budget, x, y, pixels)
+            small = largest_batch(
+                lambda b, budget=budget: (
+                    saved_bytes("irnn", "exact", x[:b], y[:b], pixels) <= budget
+                ),
+                len(x),
+            )
             b = saved_bytes(name, "exact", x[:small], y[:small], pixels)
             rows.append(
                 {
@@ -263,10 +255,9 @@ def _run(out: Path, quick: bool, pixels: bool, name: str) -> dict:
     ]
     results = {
         "quick": quick,
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread, "
-        f"torch {torch.__version__}",
-        "load": f"{os.getloadavg()[0]:.2f}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": report.machine(),
+        "load": report.load(),
+        "date": report.date(),
         "steps": 784 if pixels else 28,
         "iterations": iterations,
         "seeds": list(seeds),

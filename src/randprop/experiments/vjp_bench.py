@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -452,12 +450,11 @@ def run(out: Path, quick: bool = False) -> dict:
 
 def _run(out: Path, quick: bool) -> dict:
     start = time.perf_counter()
-    load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load_before = report.load()
     data = load_mnist(256, 10)
     results: dict = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": report.machine(),
+        "date": report.date(),
         "load_before": load_before,
         "timing": timing_table(data["train_x"], data["train_y"], repeats=3 if quick else 15),
     }
@@ -477,7 +474,7 @@ def _run(out: Path, quick: bool) -> dict:
             else ""
         )
     )
-    results["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    results["load_after"] = report.load()
     results["wall_seconds"] = time.perf_counter() - start
     plots = _plots(out, results)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -44,7 +44,12 @@ def method_choices() -> list[str]:
 
 
 def install(
-    model: nn.Module, method: str | dict[str, str], loss_fn: LossFn, seed: int, *, model_name: str | None = None
+    model: nn.Module,
+    method: str | dict[str, str],
+    loss_fn: LossFn,
+    seed: int,
+    *,
+    model_name: str | None = None,
 ) -> LearningRule:
     """Install ``method`` on ``model`` in place; return the rule that computes gradients.
 
@@ -235,13 +240,19 @@ def matched_batch(
     def exact_bytes(b: int) -> int:  # clones: a view would be counted as its whole storage
         return saved_bytes_of(build, "exact", x[:b].clone(), y[:b].clone(), loss_fn, seed)
 
-    low, high = 1, len(x)
     if exact_bytes(1) > budget:
         raise ValueError(f"even batch 1 of exact backprop saves more than {method} ({budget} B)")
+    return largest_batch(lambda b: exact_bytes(b) <= budget, len(x)), budget
+
+
+def largest_batch(fits: Callable[[int], bool], high: int) -> int:
+    """The largest b in 0..high with fits(b) (fits is monotone: true up to some b, then false),
+    by bisection; 0 when no batch fits."""
+    low = 0
     while low < high:
         mid = (low + high + 1) // 2
-        if exact_bytes(mid) <= budget:
+        if fits(mid):
             low = mid
         else:
             high = mid - 1
-    return low, budget
+    return low
