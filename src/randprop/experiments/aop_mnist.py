@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,20 +21,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from randprop.config import parse_method
 from randprop.convert import convert
+from randprop.data import Splits
+from randprop.experiments import report
 from randprop.experiments.registry import suite
 from randprop.measure.saved import track_saved
 from randprop.models import build_model
 from randprop.models.linear import linear_regression
 from randprop.random import derive_seed, kept_count
+from randprop.train import TrainConfig, train
+from randprop.train.loop import epoch_batches, permutations
 
 POLICIES = ("topk", "weighted", "random")
-
-
-def _load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 # --- 1. weight-gradient time and CRS bytes --------------------------------------------------
@@ -125,7 +124,7 @@ def _build(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
         return factory()
 
 
-def train(
+def train_run(
     factory: Callable[[], nn.Module],
     method: str,
     data: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -140,32 +139,34 @@ def train(
     """SGD over shuffled full batches (the last incomplete one is dropped, so K is fixed);
     per epoch: mean train loss and the validation metric; at the end the test metric."""
     model = _build(factory, seed)
-    if method != "exact":
-        convert(model, parse_method(method), seed=seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
     x, y = data["train"]
-    gen = torch.Generator().manual_seed(derive_seed(seed, 11))
-    curve, val_curve = [], []
-    start = time.perf_counter()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        total, steps = 0.0, 0
-        for i in range(0, len(x) - batch + 1, batch):
-            idx = perm[i : i + batch]
-            loss = loss_fn(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, steps = total + loss.item(), steps + 1
-        curve.append(total / steps)
-        val_curve.append(_evaluate(model, *data["val"], metric))
+    per_epoch = len(x) // batch
+    splits = Splits(
+        "aop-mnist", *(TensorDataset(*data[k]) for k in ("train", "val", "test")),
+        num_classes=0, input_shape=tuple(x.shape[1:]),
+    )  # fmt: skip
+    order = permutations(len(x), torch.Generator().manual_seed(derive_seed(seed, 11)))
+    curve, val_curve, losses = [], [], []
+
+    def on_step(step: int, loss: float) -> None:
+        losses.append(loss)
+        if step % per_epoch == 0:
+            curve.append(sum(losses) / len(losses))
+            losses.clear()
+            val_curve.append(_evaluate(model, *data["val"], metric))
+
+    cfg = TrainConfig(model=type(model).__name__, method=method, batch=batch,
+                      steps=epochs * per_epoch, seed=seed, optimizer="sgd", lr=lr,
+                      log_every=0, progress=False)  # fmt: skip
+    summary = train(cfg, splits=splits, model=model, loss=loss_fn, callback=on_step,
+                    batches=epoch_batches(len(x), batch, order))  # fmt: skip
     return {
         "method": method,
         "seed": seed,
         "train_loss": curve,
         "val": val_curve,
         "test": _evaluate(model, *data["test"], metric),
-        "seconds": time.perf_counter() - start,
+        "seconds": summary["wall_seconds"],
     }
 
 
@@ -230,7 +231,7 @@ def _study(name, methods, seeds, data_fn, **train_kwargs) -> list[dict]:
     for seed in seeds:
         data = data_fn(seed)
         for method in methods:
-            run = train(data=data, method=method, seed=seed, **train_kwargs)
+            run = train_run(data=data, method=method, seed=seed, **train_kwargs)
             run["study"] = name
             runs.append(run)
             print(f"{name} seed {seed} {method}: test {run['test']:.4f} ({run['seconds']:.1f}s)")
@@ -272,10 +273,7 @@ def _k_of(method: str, batch: int) -> int | None:
 
 def _plot(summary: list[dict], ks, batch: int, title: str, metric: str, path: Path) -> None:
     """Per K: the validation metric (top) and the training loss (bottom) per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, axes = plt.subplots(2, len(ks), figsize=(5 * len(ks), 8), squeeze=False)
     for col, k in enumerate(ks):
@@ -346,10 +344,9 @@ def run(out: Path, quick: bool = False) -> dict:
     }
     limit = 6400 if quick else None
     results: dict = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_before": _load(),
+        "machine": report.machine(),
+        "date": report.date(),
+        "load_before": report.load(),
         "epochs": epochs,
         "seeds": list(seeds),
     }
@@ -358,7 +355,7 @@ def run(out: Path, quick: bool = False) -> dict:
         for threads in (1, 2)
         for row in grad_time_table(repeats=3 if quick else 9, threads=threads)
     ]
-    results["load_after_timing"] = _load()
+    results["load_after_timing"] = report.load()
     results["crs_bytes"] = crs_bytes_table()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread each is faster on a shared machine
@@ -403,7 +400,7 @@ def run(out: Path, quick: bool = False) -> dict:
         lr=0.05,
     )
     torch.set_num_threads(threads)
-    results["load_after"] = _load()
+    results["load_after"] = report.load()
     results["runs"] = softmax + diabetes + mlp
     summaries = {
         "softmax": _summary(softmax),

@@ -13,10 +13,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.data import TensorDataset
 
+from randprop.experiments import report
 from randprop.experiments.registry import suite
 from randprop.measure.peak import state_tensors, track_peak
 from randprop.measure.saved import track_saved
@@ -36,6 +38,8 @@ from randprop.models import build_model
 from randprop.models.feedforward import mlp
 from randprop.random import derive_seed, generator
 from randprop.rules import DFA, FA, MemDFA
+from randprop.train import TrainConfig, train
+from randprop.train.loop import epoch_batches, permutations
 
 RULES = ("bp", "fa", "dfa", "memdfa")
 DEPTH_METHODS = ("bp", "checkpoint", "fa", "fa-regen", "dfa", "memdfa")
@@ -86,41 +90,22 @@ def _install(
     return lambda x, y: F.cross_entropy(model(x), y).backward()
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, data: torch.utils.data.TensorDataset, batch: int = 2000) -> float:
-    model.eval()
-    x, y = data.tensors
-    correct = sum(
-        (model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item()
-        for i in range(0, len(y), batch)
-    )
-    model.train()
-    return correct / len(y)
-
-
 def train_run(splits, plan: dict, rule: str, seed: int, lr: float, subset: int | None) -> dict:
     """Train one model with one rule; the global RNG (init, dropout) is forked and seeded."""
     x_all, y_all = splits.train.tensors
     if subset is not None:
         x_all, y_all = x_all[:subset], y_all[:subset]
+        splits = dataclasses.replace(splits, train=TensorDataset(x_all, y_all))
     n, batch, epochs = len(y_all), plan["batch"], plan["epochs"]
-    steps = epochs * math.ceil(n / batch)
-    start = time.perf_counter()
+    order = permutations(n, generator(derive_seed(seed, 0, 0)))
+    cfg = TrainConfig(model=plan["model"], method="exact" if rule == "bp" else rule, batch=batch,
+                      steps=epochs * math.ceil(n / batch), seed=seed, lr=lr,
+                      schedule="onecycle", log_every=0, eval_batch=2000, progress=False)  # fmt: skip
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = build_model(plan["model"], **plan["kwargs"])
-        step = _install(rule, model, seed)
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-        gen = generator(derive_seed(seed, 0, 0))
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=gen)
-            for i in range(0, n, batch):
-                idx = order[i : i + batch]
-                opt.zero_grad(set_to_none=True)
-                step(x_all[idx], y_all[idx])
-                opt.step()
-                sched.step()
+        summary = train(cfg, splits=splits, model=model,
+                        batches=epoch_batches(n, batch, order, drop_last=False))  # fmt: skip
     return {
         "model": plan["model"],
         "rule": rule,
@@ -128,9 +113,9 @@ def train_run(splits, plan: dict, rule: str, seed: int, lr: float, subset: int |
         "epochs": epochs,
         "batch": batch,
         "train_examples": n,
-        "val_accuracy": accuracy(model, splits.val),
-        "test_accuracy": accuracy(model, splits.test),
-        "seconds": time.perf_counter() - start,
+        "val_accuracy": summary["val_accuracy"],
+        "test_accuracy": summary["test_accuracy"],
+        "seconds": summary["wall_seconds"],
     }
 
 
@@ -313,10 +298,7 @@ def _claims(summary: list[dict], depth: list[dict]) -> list[str]:
 
 
 def plot(depth: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fields = (
         ("saved_bytes", "peak saved for backward (MiB)", 2**20),
@@ -421,31 +403,23 @@ def write_report(out: Path, results: dict, quick: bool) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def _load() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 @suite("feedback", "MEM-DFA: MNIST accuracy of BP/FA/DFA/MEM-DFA; memory and time against depth")
 def run(out: Path, quick: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cfg = QUICK if quick else FULL
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    start, load_before = time.perf_counter(), _load()
+    start, load_before = time.perf_counter(), report.load()
     try:
         depth = depth_table(cfg)
         acc = accuracy_table(cfg)
     finally:
         torch.set_num_threads(threads)
     results = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}, 1 thread, "
-        f"torch {torch.__version__}, CPU",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": report.machine(1),
+        "date": report.date(),
         "load_before": load_before,
-        "load_after": _load(),
+        "load_after": report.load(),
         "wall_seconds": time.perf_counter() - start,
         "config": cfg,
         "accuracy": acc,

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from randprop.experiments import report
 from randprop.experiments.registry import suite
 from randprop.measure import track_saved
 from randprop.pde import ControlProblem, ReactionDiffusion, Storage
-from randprop.pde.reaction_diffusion import _CHUNK, THETA_TARGET
+from randprop.pde.reaction_diffusion import CHUNK, THETA_TARGET
 from randprop.random import derive_seed, kept_count
 
 KEEPS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
@@ -75,11 +74,11 @@ def memory_table(problem: ReactionDiffusion) -> list[dict]:
 
 def backward_block_bytes(storage: Storage, segment: int, state: int) -> int:
     """Working memory of the adjoint (not saved for backward): a block of adjoint states
-    (_CHUNK of them, or one segment when checkpointing) and, when checkpointing, the
+    (CHUNK of them, or one segment when checkpointing) and, when checkpointing, the
     recomputed states of that segment."""
     if storage.gradient == "checkpoint":
         return 2 * segment * state
-    return _CHUNK * state
+    return CHUNK * state
 
 
 def bias_variance(problem: ReactionDiffusion, draws: int, keeps=KEEPS[1:]) -> list[dict]:
@@ -143,10 +142,7 @@ def optimisation_curves(problem: ReactionDiffusion, iterations: int, lr: float) 
 
 
 def _plots(out: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, (ax, gap) = plt.subplots(1, 2, figsize=(11, 4))
     exact = results["curves"][0]["objective"]
@@ -239,9 +235,9 @@ def _report(out: Path, r: dict) -> str:
         "and the 7 basis fields saved by theta -> k). Checkpointing saves fewer bytes still at "
         "this size but recomputes the forward pass. 'Adjoint working memory' is what the "
         "backward pass allocates while it runs, beside the saved bytes: a block of "
-        f"{_CHUNK} adjoint states (exact, RAD) or one segment of adjoint states plus the "
+        f"{CHUNK} adjoint states (exact, RAD) or one segment of adjoint states plus the "
         "recomputed states of that segment (checkpointing); RAD's forward pass also fills a "
-        f"block of {_CHUNK} states before sampling from it.",
+        f"block of {CHUNK} states before sampling from it.",
         "",
         f"## RAD gradient bias and variance at theta = 0 ({r['steps']:,} steps)",
         "",
@@ -336,10 +332,9 @@ def _run(out: Path, quick: bool) -> dict:
     curve_problem = ReactionDiffusion(steps=curve_steps)
     results = {
         "quick": quick,
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
-        f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}",
-        "load": f"{os.getloadavg()[0]:.2f}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": report.machine(),
+        "load": report.load(),
+        "date": report.date(),
         "steps": steps,
         "curve_steps": curve_steps,
         "courant": problem.courant,

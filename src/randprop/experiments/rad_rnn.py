@@ -10,31 +10,36 @@ exceed RAD's at 150 (the memory-matched small batch). Rows of the image are the 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from randprop.convert import convert
 from randprop.data import load_dataset
+from randprop.experiments import report
 from randprop.experiments.registry import suite
 from randprop.measure.profile import saved_for_backward
 from randprop.models import build_model
 from randprop.random import derive_seed, generator
+from randprop.train import TrainConfig, evaluate, train
+from randprop.train.baselines import largest_batch
 
 BATCH = 150
 KEEP = 0.1
 LR = 1e-3
 
 
-def _model(name: str, method: str, seed: int, pixels: bool = False):
+def _build(name: str, seed: int, pixels: bool = False):
     with torch.random.fork_rng():  # the head's default init draws from the global RNG
         torch.manual_seed(seed)
-        model = build_model(name, pixels=pixels, **({"seed": seed} if name == "irnn" else {}))
+        return build_model(name, pixels=pixels, **({"seed": seed} if name == "irnn" else {}))
+
+
+def _model(name: str, method: str, seed: int, pixels: bool = False):
+    model = _build(name, seed, pixels)
     convert(model, method, seed=seed)
     return model
 
@@ -45,18 +50,6 @@ def saved_bytes(name: str, method: str, x: torch.Tensor, y: torch.Tensor, pixels
     x, y = x.clone(), y.clone()  # a view would count its whole base storage as saved
     values = [saved_for_backward(_model(name, method, s, pixels), x, y).bytes for s in range(draws)]
     return round(statistics.mean(values))
-
-
-def matched_batch(budget: int, x: torch.Tensor, y: torch.Tensor, pixels: bool) -> int:
-    """The largest batch b <= len(x) whose exact saved bytes are at most ``budget``."""
-    lo, hi = 0, len(x)  # bytes grow with the batch: bisect
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if saved_bytes("irnn", "exact", x[:mid], y[:mid], pixels) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def memory_table(train, pixels: bool) -> tuple[list[dict], int]:
@@ -81,7 +74,12 @@ def memory_table(train, pixels: bool) -> tuple[list[dict], int]:
             )
         if name == "irnn":
             budget = rows[1]["saved_bytes"]
-            small = matched_batch(budget, x, y, pixels)
+            small = largest_batch(
+                lambda b, budget=budget: (
+                    saved_bytes("irnn", "exact", x[:b], y[:b], pixels) <= budget
+                ),
+                len(x),
+            )
             b = saved_bytes(name, "exact", x[:small], y[:small], pixels)
             rows.append(
                 {
@@ -96,15 +94,6 @@ def memory_table(train, pixels: bool) -> tuple[list[dict], int]:
     return rows, small
 
 
-@torch.no_grad()
-def accuracy(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 2000) -> float:
-    hits = sum(
-        (model(x[i : i + chunk]).argmax(1) == y[i : i + chunk]).sum().item()
-        for i in range(0, len(x), chunk)
-    )
-    return hits / len(x)
-
-
 def train_run(
     splits,
     method: str,
@@ -116,31 +105,32 @@ def train_run(
     val_size: int,
 ) -> dict:
     """Adam on the IRNN; train loss per iteration, validation accuracy every ``every``."""
-    model = _model("irnn", method, seed, pixels)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    x, y = splits.train.tensors
-    xv, yv = (t[:val_size] for t in splits.val.tensors)
+    model = _build("irnn", seed, pixels)
+    n = len(splits.train)
+    val = TensorDataset(*(t[:val_size] for t in splits.val.tensors))
     gen = generator(derive_seed(seed, 7))
-    losses, val, cpu = [], [], 0.0
-    for it in range(1, iterations + 1):
-        idx = torch.randint(0, len(x), (batch,), generator=gen)
-        start = time.process_time()
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        cpu += time.process_time() - start
-        losses.append(loss.item())
+    losses, val_acc, cpu = [], [], {"seconds": 0.0, "last": time.process_time()}
+
+    def on_step(it: int, loss: float) -> None:
+        cpu["seconds"] += time.process_time() - cpu["last"]
+        losses.append(loss)
         if it % every == 0 or it == iterations:
-            val.append((it, accuracy(model, xv, yv)))
+            val_acc.append((it, evaluate(model, val, 2000, torch.device("cpu"))["accuracy"]))
+        cpu["last"] = time.process_time()
+
+    cfg = TrainConfig(model="irnn", data="seq-mnist", method=method, batch=batch,
+                      steps=iterations, seed=seed, lr=LR, log_every=0, eval_batch=2000,
+                      progress=False)  # fmt: skip
+    summary = train(cfg, splits=splits, model=model, callback=on_step,
+                    batches=lambda _: torch.randint(0, n, (batch,), generator=gen))  # fmt: skip
     return {
         "method": method,
         "batch": batch,
         "seed": seed,
         "train_loss": losses,
-        "val_accuracy": val,
-        "test_accuracy": accuracy(model, *splits.test.tensors),
-        "cpu_seconds_per_iteration": cpu / iterations,
+        "val_accuracy": val_acc,
+        "test_accuracy": summary["test_accuracy"],
+        "cpu_seconds_per_iteration": cpu["seconds"] / iterations,
     }
 
 
@@ -159,10 +149,7 @@ def _smooth(values: list[float], width: int) -> list[float]:
 
 
 def _plots(out: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {}
@@ -268,10 +255,9 @@ def _run(out: Path, quick: bool, pixels: bool, name: str) -> dict:
     ]
     results = {
         "quick": quick,
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread, "
-        f"torch {torch.__version__}",
-        "load": f"{os.getloadavg()[0]:.2f}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": report.machine(),
+        "load": report.load(),
+        "date": report.date(),
         "steps": 784 if pixels else 28,
         "iterations": iterations,
         "seeds": list(seeds),

@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import platform
 import resource
 import time
 from pathlib import Path
@@ -27,9 +25,11 @@ from torch import nn
 
 import randprop as rp
 from randprop.data import load_dataset
+from randprop.experiments import report
 from randprop.experiments.registry import suite
 from randprop.measure.profile import saved_for_backward
-from randprop.train.loop import batch_indices, build_seeded, evaluate
+from randprop.train import TrainConfig, train
+from randprop.train.loop import build_seeded
 
 MODEL = "trace-cnn"
 TRAINED_CONVS = ("3", "6")  # conv2 and conv3 of trace-cnn; conv "0" stays exact
@@ -126,27 +126,15 @@ def time_table(repeats: int) -> list[dict]:
 def train_run(splits, method, batch: int, examples: int, seed: int = 0) -> dict:
     """Adam 3e-3 with cosine decay over ``examples`` training examples (reshuffled each epoch);
     test accuracy at the end."""
-    model = build_seeded(MODEL, seed)
-    rp.convert(model, method, seed=seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x_train, y_train = splits.train.tensors
     steps = max(1, examples // batch)
-    cosine = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps))
-    )
-    xb, yb = x_train[:batch].clone(), y_train[:batch].clone()  # own storage, not x_train's
-    saved = saved_for_backward(converted(model, method), xb, yb).bytes
-    start = time.perf_counter()
-    for step in range(steps):
-        idx = batch_indices(len(x_train), batch, seed, step)
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-        optimizer.step()
-        cosine.step()
-    seconds = time.perf_counter() - start
-    test = evaluate(model, splits.test, 1000, torch.device("cpu"))
-    return {"batch": batch, "steps": steps, "test_accuracy": test["accuracy"],
-            "test_loss": test["loss"], "saved_bytes": saved, "train_seconds": seconds}  # fmt: skip
+    xb, yb = (t[:batch].clone() for t in splits.train.tensors)  # own storage, not x_train's
+    saved = saved_for_backward(converted(build_seeded(MODEL, seed), method), xb, yb).bytes
+    cfg = TrainConfig(model=MODEL, method=method, batch=batch, steps=steps, seed=seed,
+                      lr=3e-3, schedule="cosine", log_every=0, progress=False)  # fmt: skip
+    s = train(cfg, splits=splits)
+    return {"batch": batch, "steps": steps, "test_accuracy": s["test_accuracy"],
+            "test_loss": s["test_loss"], "saved_bytes": saved,
+            "train_seconds": s["train_seconds"]}  # fmt: skip
 
 
 def training_table(p: dict) -> list[dict]:
@@ -228,10 +216,7 @@ def slope(rows: list[dict], method: str, key: str = "rel_var_conv2") -> float:
 
 
 def _plots(out: Path, results: dict) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     files = []
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -370,10 +355,6 @@ def _claims(results: dict) -> list[str]:
     return claims
 
 
-def _load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 @suite("trace-mnist", "trace estimation (Louboutin et al.): trace-cnn memory, time, MNIST "
        "accuracy over batch and r, gradient variance vs r and vs RAD")  # fmt: skip
 def run(out: Path, quick: bool = False) -> dict:
@@ -384,10 +365,9 @@ def run(out: Path, quick: bool = False) -> dict:
     start = time.perf_counter()
     try:
         results = {
-            "machine": f"{platform.machine()} {platform.processor() or ''}, 1 thread, "
-            f"torch {torch.__version__}, CPU",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "load_start": _load(),
+            "machine": report.machine(),
+            "date": report.date(),
+            "load_start": report.load(),
             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
             "memory": memory_table(),
             "time": time_table(p["time_repeats"]),
@@ -403,7 +383,7 @@ def run(out: Path, quick: bool = False) -> dict:
     results["seconds"] = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     results["cpu_seconds"] = usage.ru_utime + usage.ru_stime
-    results["load_end"] = _load()
+    results["load_end"] = report.load()
     results["claims"] = _claims(results)
     results["plots"] = _plots(out, results)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,12 +23,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from randprop.convert import convert
+from randprop.data import Splits
+from randprop.experiments import report
 from randprop.experiments.registry import suite
 from randprop.measure.saved import track_saved
 from randprop.models.feedforward import mlp
 from randprop.models.vision import bagnet, vit
+from randprop.train import TrainConfig, evaluate, train
+from randprop.train.loop import epoch_batches, permutations
 
 TIMING_METHODS = (
     "vjp:density=0.5,structure=row",
@@ -167,43 +170,36 @@ def timing_table(x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[dict]:
 # --- training -------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
-    model.eval()
-    hits = sum(
-        (model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item()
-        for i in range(0, len(x), batch)
-    )
-    model.train()
-    return hits / len(x)
-
-
 def train_run(setup: Setup, method: str, data: dict[str, torch.Tensor], seed: int = 0) -> dict:
     """Train from the same initialisation and data order as every other run of this model."""
     with torch.random.fork_rng():  # the user's side: initialisation, global RNG restored after
         torch.manual_seed(seed)
-        model = converted(setup.build(), method, seed=seed, exact=setup.head)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    order = torch.Generator().manual_seed(seed)
+        model = setup.build()
     xs, ys = data["train_x"], data["train_y"]
-    accs, losses, start = [], [], time.perf_counter()
-    for _ in range(setup.epochs):
-        perm = torch.randperm(len(xs), generator=order)
-        total = 0.0
-        for i in range(0, len(xs) - setup.batch + 1, setup.batch):
-            idx = perm[i : i + setup.batch]
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xs[idx]), ys[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        losses.append(total / (len(xs) // setup.batch))
-        accs.append(accuracy(model, data["test_x"], data["test_y"]))
+    test = TensorDataset(data["test_x"], data["test_y"])
+    splits = Splits("mnist-subset", TensorDataset(xs, ys), test, test, num_classes=10,
+                    input_shape=tuple(xs.shape[1:]))  # fmt: skip
+    per_epoch = len(xs) // setup.batch
+    order = permutations(len(xs), torch.Generator().manual_seed(seed))
+    accs, losses, epoch_losses = [], [], []
+
+    def on_step(step: int, loss: float) -> None:
+        epoch_losses.append(loss)
+        if step % per_epoch == 0:
+            losses.append(sum(epoch_losses) / per_epoch)
+            epoch_losses.clear()
+            accs.append(evaluate(model, test, 1000, torch.device("cpu"))["accuracy"])
+
+    cfg = TrainConfig(model=type(model).__name__, method={setup.head: "exact", "*": method},
+                      batch=setup.batch, steps=setup.epochs * per_epoch, seed=seed,
+                      log_every=0, progress=False)  # fmt: skip
+    summary = train(cfg, splits=splits, model=model, callback=on_step,
+                    batches=epoch_batches(len(xs), setup.batch, order))  # fmt: skip
     return {
         "method": method,
         "test_accuracy": accs,
         "train_loss": losses,
-        "train_seconds": time.perf_counter() - start,
+        "train_seconds": summary["wall_seconds"],
     }
 
 
@@ -284,10 +280,7 @@ def tradeoff(name: str, setup: Setup, test_size: int, repeats: int) -> dict:
 
 
 def _plots(out: Path, results: dict) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     names = []
     fig, axes = plt.subplots(1, len(results["tradeoff"]), figsize=(5 * len(results["tradeoff"]), 4))
@@ -457,12 +450,11 @@ def run(out: Path, quick: bool = False) -> dict:
 
 def _run(out: Path, quick: bool) -> dict:
     start = time.perf_counter()
-    load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load_before = report.load()
     data = load_mnist(256, 10)
     results: dict = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": report.machine(),
+        "date": report.date(),
         "load_before": load_before,
         "timing": timing_table(data["train_x"], data["train_y"], repeats=3 if quick else 15),
     }
@@ -482,7 +474,7 @@ def _run(out: Path, quick: bool) -> dict:
             else ""
         )
     )
-    results["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    results["load_after"] = report.load()
     results["wall_seconds"] = time.perf_counter() - start
     plots = _plots(out, results)
     (out / "results.json").write_text(json.dumps(results, indent=2))

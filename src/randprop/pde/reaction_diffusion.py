@@ -49,7 +49,7 @@ from randprop.config import check_choice, check_fraction
 
 GRADIENTS = ("exact", "checkpoint", "rad")
 OBJECTIVES = ("final", "integral")
-_CHUNK = 256  # steps per block of random index sets (and per RAD scatter)
+CHUNK = 256  # steps per block of random index sets (and per RAD scatter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +186,7 @@ class _SolveFn(torch.autograd.Function):
         k = k.expand(batch, n, n)
         step = _Stepper(problem, k, batch)
         seg = storage.segment or math.ceil(math.sqrt(steps))
-        chunk = seg if mode == "checkpoint" else _CHUNK
+        chunk = seg if mode == "checkpoint" else CHUNK
         kept = rnd.kept_count(n2, storage.keep)
         if mode == "exact":
             saved = u0.new_empty(steps, batch, n2)

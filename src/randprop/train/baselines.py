@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from randprop.config import METHODS, parse_method
 from randprop.convert import ConversionReport, convert, load_method_state, method_state
 from randprop.measure.saved import track_saved
+from randprop.methods import METHODS, parse_method
 from randprop.methods.base import RandomizedLayer
 from randprop.train.learning_rules import LEARNING_RULES, Backprop, LearningRule, LossFn
 
@@ -36,7 +36,12 @@ def method_choices() -> list[str]:
 
 
 def install(
-    model: nn.Module, method: str, loss_fn: LossFn, seed: int, *, model_name: str | None = None
+    model: nn.Module,
+    method: str | dict[str, str],
+    loss_fn: LossFn,
+    seed: int,
+    *,
+    model_name: str | None = None,
 ) -> LearningRule:
     """Install ``method`` on ``model`` in place; return the rule that computes gradients.
 
@@ -44,6 +49,11 @@ def install(
     that converts no weight layer of the model (e.g. trace on an MLP) raises ValueError naming
     the model (``model_name``, else its class), the method and why each layer was skipped.
     """
+    if isinstance(method, dict):  # module-name patterns -> per-layer methods
+        rule = Backprop(model, loss_fn, seed)
+        rule.report = convert(model, method, seed=seed)
+        return rule
+
     name, _, options = str(method).strip().partition(":")
     name = name.strip().lower()
     if name == "checkpoint":
@@ -221,13 +231,19 @@ def matched_batch(
     def exact_bytes(b: int) -> int:  # clones: a view would be counted as its whole storage
         return saved_bytes_of(build, "exact", x[:b].clone(), y[:b].clone(), loss_fn, seed)
 
-    low, high = 1, len(x)
     if exact_bytes(1) > budget:
         raise ValueError(f"even batch 1 of exact backprop saves more than {method} ({budget} B)")
+    return largest_batch(lambda b: exact_bytes(b) <= budget, len(x)), budget
+
+
+def largest_batch(fits: Callable[[int], bool], high: int) -> int:
+    """The largest b in 0..high with fits(b) (fits is monotone: true up to some b, then false),
+    by bisection; 0 when no batch fits."""
+    low = 0
     while low < high:
         mid = (low + high + 1) // 2
-        if exact_bytes(mid) <= budget:
+        if fits(mid):
             low = mid
         else:
             high = mid - 1
-    return low, budget
+    return low

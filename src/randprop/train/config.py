@@ -7,20 +7,21 @@ import dataclasses
 from randprop.config import check_choice
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "onecycle")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run.
 
-    method: a per-layer method ("exact", "rad:keep=0.1,mode=project", ...), a learning rule in
+    method: a per-layer method ("exact", "rad:keep=0.1,mode=project", ..., or a dict of module
+        name patterns to methods as ``convert`` takes), a learning rule in
         ``LEARNING_RULES`` ("fa", "dfa", "memdfa"), or "checkpoint[:segments=K]" (activation
         checkpointing, exact gradients).
     match_memory_of: a method; the run then trains exact backprop with the largest batch
         (<= ``batch``) whose measured saved bytes do not exceed that method's at ``batch``.
     schedule: learning-rate factor over the run: constant; cosine 0.5 (1 + cos(pi t / T));
-        linear 1 - t / T.
+        linear 1 - t / T; onecycle torch's OneCycleLR (warm-up to lr, then cosine decay).
     eval_every / log_every / checkpoint_every: in steps; 0 means only at the end.
     out: run directory (metrics.jsonl, summary.json, checkpoint.pt); None writes nothing.
     threads: torch intra-op threads during the run (0 leaves torch's setting). Small models on a
@@ -30,7 +31,7 @@ class TrainConfig:
 
     model: str = "mlp"
     data: str = "mnist"
-    method: str = "exact"
+    method: str | dict[str, str] = "exact"
     batch: int = 150
     steps: int = 1000
     seed: int = 0

@@ -19,6 +19,7 @@ show.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -48,10 +49,12 @@ from randprop.train.checkpoint import (
     set_rng_state,
 )
 from randprop.train.config import TrainConfig
+from randprop.train.learning_rules import LossFn
 
 RESUME_KEYS = ("model", "data", "method", "match_memory_of", "seed", "batch")
 PEAK_STEPS = 3  # training steps of each process whose peak memory is measured
 Callback = Callable[[int, float], None]
+Batches = Callable[[int], torch.Tensor]
 
 
 def _step_meter(tracked: bool, device, model, optimizer, rule, x, y):
@@ -84,9 +87,46 @@ def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
     return perm[i * batch : (i + 1) * batch]
 
 
+def epoch_batches(
+    n: int, batch: int, permutation: Callable[[int], torch.Tensor], *, drop_last: bool = True
+) -> Batches:
+    """A ``batches`` hook for :func:`train`: step t takes the next ``batch`` examples of
+    ``permutation(e)``, e the epoch of t; an epoch has n // batch steps (``drop_last``) or
+    ceil(n / batch), the last one then smaller. ``permutation`` is called once per epoch, in
+    order."""
+    per_epoch = max(n // batch, 1) if drop_last else math.ceil(n / batch)
+    cache: dict[int, torch.Tensor] = {}
+
+    def indices(step: int) -> torch.Tensor:
+        epoch, i = divmod(step, per_epoch)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = permutation(epoch)
+        return cache[epoch][i * batch : (i + 1) * batch]
+
+    return indices
+
+
+def permutations(n: int, gen: torch.Generator) -> Callable[[int], torch.Tensor]:
+    """Epoch e -> the (e+1)-th ``torch.randperm(n, generator=gen)`` (drawn once, then kept)."""
+    drawn: list[torch.Tensor] = []
+
+    def permutation(epoch: int) -> torch.Tensor:
+        while len(drawn) <= epoch:
+            drawn.append(torch.randperm(n, generator=gen))
+        return drawn[epoch]
+
+    return permutation
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch: int, device: torch.device) -> dict[str, float]:
-    """Mean loss and accuracy over a dataset; the method's random streams are left untouched."""
+def evaluate(
+    model: nn.Module, data, batch: int, device: torch.device, loss: LossFn | None = None
+) -> dict[str, float]:
+    """Mean ``loss`` (default cross-entropy) and accuracy (argmax of the output against integer
+    targets; nan for real-valued ones) over a dataset; the method's random streams are left
+    untouched."""
+    loss = loss or loss_fn
     x_all, y_all = data.tensors
     if len(x_all) == 0:
         return {"loss": math.nan, "accuracy": math.nan}
@@ -96,12 +136,14 @@ def evaluate(model: nn.Module, data, batch: int, device: torch.device) -> dict[s
     for start in range(0, len(x_all), batch):
         x, y = x_all[start : start + batch].to(device), y_all[start : start + batch].to(device)
         out = model(x)
-        loss_sum += float(loss_fn(out, y)) * y.numel()
-        correct += int((out.argmax(-1) == y).sum())
-        count += y.numel()
+        rows = len(y) if y.is_floating_point() else y.numel()
+        loss_sum += float(loss(out, y)) * rows
+        correct += 0 if y.is_floating_point() else int((out.argmax(-1) == y).sum())
+        count += rows
     model.train(was_training)
     load_method_state(model, state)
-    return {"loss": loss_sum / count, "accuracy": correct / count}
+    accuracy = math.nan if y_all.is_floating_point() else correct / count
+    return {"loss": loss_sum / count, "accuracy": accuracy}
 
 
 def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
@@ -110,6 +152,12 @@ def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
     if cfg.schedule == "linear":
         return lambda t: max(0.0, 1 - t / cfg.steps)
     return lambda t: 1.0
+
+
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
 
 
 def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -170,30 +218,50 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(
-    cfg: TrainConfig, *, splits: Splits | None = None, callback: Callback | None = None
+    cfg: TrainConfig,
+    *,
+    splits: Splits | None = None,
+    callback: Callback | None = None,
+    model: nn.Module | None = None,
+    loss: LossFn | None = None,
+    batches: Batches | None = None,
 ) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` with ``cfg.method``; return the summary dict.
 
     splits: preloaded data (else ``load_dataset(cfg.data, ...)``). callback(step, loss) runs
     after every completed step; a KeyboardInterrupt from it (or Ctrl-C) saves a checkpoint.
+    model: train this module (``cfg.method`` is installed on it in place; ``cfg.model`` then
+    only names it) instead of ``build_model(cfg.model)`` seeded from ``cfg.seed``.
+    loss: loss(output, target), default cross-entropy (also the evaluation loss).
+    batches: step -> indices of its training examples (e.g. :func:`epoch_batches`); default
+    :func:`batch_indices`, a pure function of (seed, step). Not with ``match_memory_of``.
     """
+    if batches is not None and cfg.match_memory_of:
+        raise ValueError("train: batches and match_memory_of exclude each other")
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, splits, callback)
+        return _train(cfg, splits, callback, model, loss or loss_fn, batches)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -> dict:
+def _train(
+    cfg: TrainConfig,
+    splits: Splits | None,
+    callback: Callback | None,
+    given: nn.Module | None,
+    loss_fn: LossFn,
+    batches: Batches | None,
+) -> dict:
     start_time = time.perf_counter()
-    if cfg.model not in MODELS:
+    if given is None and cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; choose from {', '.join(sorted(MODELS))}")
     splits = splits or load_dataset(
         cfg.data, root=cfg.data_root, seed=cfg.seed, val_fraction=cfg.val_fraction
     )
-    if tuple(MODELS[cfg.model].input_shape) != tuple(splits.input_shape):
+    if given is None and tuple(MODELS[cfg.model].input_shape) != tuple(splits.input_shape):
         raise ValueError(
             f"model {cfg.model!r} takes examples of shape {MODELS[cfg.model].input_shape}; "
             f"dataset {cfg.data!r} has {splits.input_shape}"
@@ -205,8 +273,10 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
     x_train, y_train = splits.train.tensors
     first = torch.arange(min(cfg.batch, len(x_train)))  # index copies, not views of x_train
 
-    def build() -> nn.Module:
-        return build_seeded(cfg.model, cfg.seed).to(device)
+    pristine = copy.deepcopy(given).to(device) if given is not None else None
+
+    def build() -> nn.Module:  # the measurements copy what this returns
+        return pristine if pristine is not None else build_seeded(cfg.model, cfg.seed).to(device)
 
     batch, method, budget = cfg.batch, cfg.method, None
     if cfg.match_memory_of:
@@ -216,11 +286,11 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
     if batch > len(x_train):
         raise ValueError(f"batch {batch} exceeds the {len(x_train)} training examples")
 
-    model = build()
+    model = given.to(device) if given is not None else build()
     rule = install(model, method, loss_fn, cfg.seed, model_name=cfg.model)
     report = getattr(rule, "report", None)
     optimizer = _optimizer(cfg, model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    scheduler = _scheduler(cfg, optimizer)
     metrics_path = out / "metrics.jsonl" if out else None
     identity = {"model": cfg.model, "data": cfg.data, "method": cfg.method,
                 "match_memory_of": cfg.match_memory_of, "seed": cfg.seed, "batch": batch}  # fmt: skip
@@ -281,8 +351,8 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
             save_checkpoint(out / CHECKPOINT, state)
 
     def eval_record() -> dict:
-        val = evaluate(model, splits.val, cfg.eval_batch, device)
-        test = evaluate(model, splits.test, cfg.eval_batch, device)
+        val = evaluate(model, splits.val, cfg.eval_batch, device, loss_fn)
+        test = evaluate(model, splits.test, cfg.eval_batch, device, loss_fn)
         record = {"step": step, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                   "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                   "time": progress_state["train_seconds"]}  # fmt: skip
@@ -290,12 +360,15 @@ def _train(cfg: TrainConfig, splits: Splits | None, callback: Callback | None) -
         return record
 
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=method, leave=False)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=str(method), leave=False)
     in_step, measured = False, 0
     try:
         with _deferred_sigint() as sigint:
             while step < cfg.steps:
-                idx = batch_indices(len(x_train), batch, cfg.seed, step)
+                if batches is None:
+                    idx = batch_indices(len(x_train), batch, cfg.seed, step)
+                else:
+                    idx = batches(step)
                 x, y = x_train[idx].to(device), y_train[idx].to(device)
                 in_step = True
                 tracked = measured < PEAK_STEPS

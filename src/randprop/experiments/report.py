@@ -1,0 +1,48 @@
+"""What every suite's report shares: the machine and load line, markdown tables, plotting."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Sequence
+
+import torch
+
+
+def machine(threads: int | str | None = None) -> str:
+    """'arch processor, N CPUs, T thread(s), torch V, CPU' (T: torch's current setting unless
+    given, e.g. "1 per run")."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return (
+        f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"{threads} thread(s), torch {torch.__version__}, CPU"
+    )
+
+
+def load() -> str:
+    """The 1 / 5 / 15 minute load averages, 'n/a' where the system has none."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def date() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """The lines of a markdown table (cells formatted with str)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
