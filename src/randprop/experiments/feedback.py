@@ -4,7 +4,7 @@
   small conv net on MNIST with Adam and a one-cycle schedule (warm-up, cosine decay); test
   accuracy at the end.
 - depth: MLPs of 2..32 hidden layers of width 256; one training step (forward, loss, backward) of
-  BP, activation checkpointing (sqrt(depth) segments), FA (B stored / regenerated), DFA and
+  BP, activation checkpointing (ceil(sqrt(depth + 1)) segments of the blocks), FA (B stored / regenerated), DFA and
   MEM-DFA: peak bytes saved for backward (rp.track_saved over the whole step), peak bytes held
   during the step (randprop.measure.peak.track_peak: parameters, gradients, batch, feedback
   matrices, what autograd saves and every temporary), the resident memory of a fresh subprocess
@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint_sequential
 from torch.utils.data import TensorDataset
 
 from randprop.experiments import report
@@ -39,6 +38,7 @@ from randprop.models.feedforward import mlp
 from randprop.random import derive_seed, generator
 from randprop.rules import DFA, FA, MemDFA
 from randprop.train import TrainConfig, train
+from randprop.train.baselines import install_checkpointing
 from randprop.train.loop import epoch_batches, permutations
 
 RULES = ("bp", "fa", "dfa", "memdfa")
@@ -139,10 +139,8 @@ def accuracy_table(cfg: dict) -> list[dict]:
 def depth_step(method: str, model: nn.Sequential, depth: int) -> Callable:
     """One training step (forward, loss, backward) of ``method`` on an MLP of ``depth``."""
     if method == "checkpoint":
-        segments = max(1, round(math.sqrt(depth)))
-        return lambda x, y: F.cross_entropy(
-            checkpoint_sequential(model, segments, x, use_reentrant=False), y
-        ).backward()
+        install_checkpointing(model)
+        return lambda x, y: F.cross_entropy(model(x), y).backward()
     if method == "fa-regen":
         FA(model, store=False)
         return lambda x, y: F.cross_entropy(model(x), y).backward()
@@ -383,8 +381,9 @@ def write_report(out: Path, results: dict, quick: bool) -> None:
         "peak of rules that allocate and free per block). The increase includes the parameter "
         "gradients (0.25 MiB per hidden layer) and, for DFA, all B_l e at once (one block "
         "output per hidden layer) in its backward. time: median of "
-        f"{cfg['repeats']} steps after a warm-up. checkpoint: torch checkpoint_sequential with "
-        "round(sqrt(depth)) segments. fa-regen: FA regenerating B in every backward.",
+        f"{cfg['repeats']} steps after a warm-up. checkpoint: train.baselines' checkpointing "
+        "(non-reentrant torch.utils.checkpoint over ceil(sqrt(depth + 1)) segments of the "
+        "Linear + ReLU blocks). fa-regen: FA regenerating B in every backward.",
         "",
         "![depth profile](depth_profile.png)",
         "",
