@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from randprop.experiments import report
-from randprop.experiments.registry import suite
+from randprop.experiments.registry import quick_splits, suite
 from randprop.measure.peak import state_tensors, track_peak
 from randprop.measure.saved import track_saved
 from randprop.models import build_model
@@ -61,13 +61,17 @@ FULL = {
     "depth_batch": 1024,
     "repeats": 5,
 }
+# a smoke run of every row, table and plot: the first ``examples`` of each split, one depth
 QUICK = FULL | {
     "mlp": FULL["mlp"] | {"seeds": (0,), "epochs": 1},
     "cnn": FULL["cnn"] | {"epochs": 1},
-    "train_subset": 2000,
-    "depths": (2, 4),
-    "depth_batch": 64,
-    "repeats": 2,
+    "train_subset": 256,
+    "examples": 256,
+    "depths": (2,),
+    "width": 32,
+    "depth_batch": 16,
+    "repeats": 1,
+    "resident_methods": ("memdfa",),  # the fresh-process measurement of one method only
 }
 
 
@@ -123,6 +127,8 @@ def accuracy_table(cfg: dict) -> list[dict]:
     from randprop.data import load_dataset
 
     splits = load_dataset("mnist", seed=0)
+    if "examples" in cfg:
+        splits = quick_splits(splits, cfg["examples"])
     rows = []
     for key in ("mlp", "cnn"):
         plan = cfg[key]
@@ -227,8 +233,10 @@ def depth_table(cfg: dict) -> list[dict]:
                 step(x, y)
                 if i:  # the first is a warm-up
                     times.append(time.perf_counter() - start)
-            resident = _resident_peak_in_child(method, depth, width, batch, FIXED_MALLOC)
-            default = _resident_peak_in_child(method, depth, width, batch)
+            resident = default = {"before": None, "peak": None}
+            if method in cfg.get("resident_methods", DEPTH_METHODS):
+                resident = _resident_peak_in_child(method, depth, width, batch, FIXED_MALLOC)
+                default = _resident_peak_in_child(method, depth, width, batch)
             rows.append(
                 {
                     "method": method,
