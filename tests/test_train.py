@@ -17,7 +17,13 @@ from randprop.data import Splits, load_dataset
 from randprop.models import build_model
 from randprop.train import LEARNING_RULES, Backprop, TrainConfig, register_rule, train
 from randprop.train import checkpoint as ckpt_io
-from randprop.train.baselines import install, matched_batch, measure_step, saved_bytes_of
+from randprop.train.baselines import (
+    install,
+    install_checkpointing,
+    matched_batch,
+    measure_step,
+    saved_bytes_of,
+)
 from randprop.train.loop import batch_indices, build_seeded, loss_fn
 
 
@@ -227,6 +233,22 @@ def test_checkpointing_wraps_a_block_list():
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="cannot find the blocks"):
         install(torch.nn.Linear(2, 2), "checkpoint", loss_fn, seed=0)
+
+
+def test_checkpoint_segments_keep_batchnorm_with_the_layer_before_it():
+    """The Sequential is split as rules.sequential_blocks splits it: a block starts at a Linear,
+    the BatchNorm after a Linear belongs to that Linear's block (not to a block of its own)."""
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                          nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                          nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))  # fmt: skip
+    units = install_checkpointing(model, segments=9)  # one unit per block
+    assert [[type(m).__name__ for m in unit.fn.__self__] for unit in units] == [
+        ["Linear", "BatchNorm1d", "ReLU"],
+        ["Linear", "BatchNorm1d", "ReLU"],
+        ["Linear", "BatchNorm1d"],
+        ["Linear"],
+    ]
 
 
 def test_learning_rules_are_looked_up_in_the_registry(tmp_path, small):

@@ -4,7 +4,7 @@
   small conv net on MNIST with Adam and a one-cycle schedule (warm-up, cosine decay); test
   accuracy at the end.
 - depth: MLPs of 2..32 hidden layers of width 256; one training step (forward, loss, backward) of
-  BP, activation checkpointing (sqrt(depth) segments), FA (B stored / regenerated), DFA and
+  BP, activation checkpointing (ceil(sqrt(depth + 1)) segments of the blocks), FA (B stored / regenerated), DFA and
   MEM-DFA: peak bytes saved for backward (rp.track_saved over the whole step), peak bytes held
   during the step (randprop.measure.peak.track_peak: parameters, gradients, batch, feedback
   matrices, what autograd saves and every temporary), the resident memory of a fresh subprocess
@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint_sequential
 from torch.utils.data import TensorDataset
 
 from randprop.experiments import report
-from randprop.experiments.registry import suite
+from randprop.experiments.registry import quick_splits, suite
 from randprop.measure.peak import state_tensors, track_peak
 from randprop.measure.saved import track_saved
 from randprop.models import build_model
@@ -39,6 +38,7 @@ from randprop.models.feedforward import mlp
 from randprop.random import derive_seed, generator
 from randprop.rules import DFA, FA, MemDFA
 from randprop.train import TrainConfig, train
+from randprop.train.baselines import install_checkpointing
 from randprop.train.loop import epoch_batches, permutations
 
 RULES = ("bp", "fa", "dfa", "memdfa")
@@ -61,13 +61,17 @@ FULL = {
     "depth_batch": 1024,
     "repeats": 5,
 }
+# a smoke run of every row, table and plot: the first ``examples`` of each split, one depth
 QUICK = FULL | {
     "mlp": FULL["mlp"] | {"seeds": (0,), "epochs": 1},
     "cnn": FULL["cnn"] | {"epochs": 1},
-    "train_subset": 2000,
-    "depths": (2, 4),
-    "depth_batch": 64,
-    "repeats": 2,
+    "train_subset": 256,
+    "examples": 256,
+    "depths": (2,),
+    "width": 32,
+    "depth_batch": 16,
+    "repeats": 1,
+    "resident_methods": ("memdfa",),  # the fresh-process measurement of one method only
 }
 
 
@@ -123,6 +127,8 @@ def accuracy_table(cfg: dict) -> list[dict]:
     from randprop.data import load_dataset
 
     splits = load_dataset("mnist", seed=0)
+    if "examples" in cfg:
+        splits = quick_splits(splits, cfg["examples"])
     rows = []
     for key in ("mlp", "cnn"):
         plan = cfg[key]
@@ -139,10 +145,8 @@ def accuracy_table(cfg: dict) -> list[dict]:
 def depth_step(method: str, model: nn.Sequential, depth: int) -> Callable:
     """One training step (forward, loss, backward) of ``method`` on an MLP of ``depth``."""
     if method == "checkpoint":
-        segments = max(1, round(math.sqrt(depth)))
-        return lambda x, y: F.cross_entropy(
-            checkpoint_sequential(model, segments, x, use_reentrant=False), y
-        ).backward()
+        install_checkpointing(model)
+        return lambda x, y: F.cross_entropy(model(x), y).backward()
     if method == "fa-regen":
         FA(model, store=False)
         return lambda x, y: F.cross_entropy(model(x), y).backward()
@@ -229,8 +233,10 @@ def depth_table(cfg: dict) -> list[dict]:
                 step(x, y)
                 if i:  # the first is a warm-up
                     times.append(time.perf_counter() - start)
-            resident = _resident_peak_in_child(method, depth, width, batch, FIXED_MALLOC)
-            default = _resident_peak_in_child(method, depth, width, batch)
+            resident = default = {"before": None, "peak": None}
+            if method in cfg.get("resident_methods", DEPTH_METHODS):
+                resident = _resident_peak_in_child(method, depth, width, batch, FIXED_MALLOC)
+                default = _resident_peak_in_child(method, depth, width, batch)
             rows.append(
                 {
                     "method": method,
@@ -383,8 +389,9 @@ def write_report(out: Path, results: dict, quick: bool) -> None:
         "peak of rules that allocate and free per block). The increase includes the parameter "
         "gradients (0.25 MiB per hidden layer) and, for DFA, all B_l e at once (one block "
         "output per hidden layer) in its backward. time: median of "
-        f"{cfg['repeats']} steps after a warm-up. checkpoint: torch checkpoint_sequential with "
-        "round(sqrt(depth)) segments. fa-regen: FA regenerating B in every backward.",
+        f"{cfg['repeats']} steps after a warm-up. checkpoint: train.baselines' checkpointing "
+        "(non-reentrant torch.utils.checkpoint over ceil(sqrt(depth + 1)) segments of the "
+        "Linear + ReLU blocks). fa-regen: FA regenerating B in every backward.",
         "",
         "![depth profile](depth_profile.png)",
         "",

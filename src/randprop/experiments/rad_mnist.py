@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from randprop.data import load_dataset
+from randprop.data import Splits, load_dataset
 from randprop.data.sources import cifar_folder
-from randprop.experiments.registry import suite
+from randprop.experiments.registry import quick_splits, suite
 from randprop.train.compare import plot_curves, read_curve, table, with_ratios
 from randprop.train.config import TrainConfig
 from randprop.train.loop import train
@@ -40,7 +40,9 @@ TUNE_SEED = 100  # the learning-rate search uses a seed none of the reported run
 
 FULL = {"steps": 4000, "tune_steps": 1000, "seeds": (0, 1, 2), "grid": (5e-4, 1e-3, 2e-3),
         "conv_steps": 2000}  # fmt: skip
-QUICK = {"steps": 40, "tune_steps": 10, "seeds": (0, 1), "grid": (1e-3, 3e-3), "conv_steps": 3}
+# a smoke run of every row, table and plot on the first ``examples`` of each split
+QUICK = {"steps": 4, "tune_steps": 2, "seeds": (0, 1), "grid": (1e-3, 3e-3), "conv_steps": 1,
+         "examples": 300}  # fmt: skip
 
 
 def _train(runs: Path, name: str, splits, **kw) -> dict:
@@ -49,6 +51,11 @@ def _train(runs: Path, name: str, splits, **kw) -> dict:
     summary = train(cfg, splits=splits)
     summary["curve"] = read_curve(runs / name)
     return summary
+
+
+def _mnist(p: dict) -> Splits:
+    splits = load_dataset("mnist", seed=0)
+    return quick_splits(splits, p["examples"]) if "examples" in p else splits
 
 
 def tune(runs: Path, splits, p: dict) -> dict[str, dict]:
@@ -302,7 +309,7 @@ def run(out: Path, quick: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     p = QUICK if quick else FULL
     start, load_before = time.time(), os.getloadavg()[0]
-    splits = load_dataset("mnist", seed=0)
+    splits = _mnist(p)
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
         chosen = tune(runs, splits, p)
@@ -342,7 +349,7 @@ def run_conv_only(out: Path, quick: bool = False) -> dict:
     p = QUICK if quick else FULL
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        results["conv"] = conv_runs(Path(tmp), p, load_dataset("mnist", seed=0))
+        results["conv"] = conv_runs(Path(tmp), p, _mnist(p))
     results["settings"]["conv_steps"] = p["conv_steps"]
     results["meta"]["conv_rerun"] = {
         "command": f"randprop bench rad-mnist-conv --out {out}",

@@ -325,9 +325,9 @@ def run(out: Path, quick: bool = False) -> dict:
 def _run(out: Path, quick: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     began, cpu_began = time.perf_counter(), time.process_time()
-    steps = 1024 if quick else 40_960
-    curve_steps = 1024 if quick else 40_960
-    iterations = 5 if quick else 80
+    steps = 256 if quick else 40_960  # quick: a smoke run of every row, table and plot
+    curve_steps = 256 if quick else 40_960
+    iterations = 2 if quick else 80
     problem = ReactionDiffusion(steps=steps)
     curve_problem = ReactionDiffusion(steps=curve_steps)
     results = {
@@ -342,7 +342,7 @@ def _run(out: Path, quick: bool) -> dict:
         "iterations": iterations,
         "lr": 0.3,
         "memory": memory_table(problem),
-        "bias_variance": bias_variance(problem, draws=8 if quick else 16),
+        "bias_variance": bias_variance(problem, draws=2 if quick else 16),
     }
     results["curves"] = optimisation_curves(curve_problem, iterations, results["lr"])
     results["wall_seconds"] = time.perf_counter() - began

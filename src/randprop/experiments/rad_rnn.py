@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 from randprop.convert import convert
 from randprop.data import load_dataset
 from randprop.experiments import report
-from randprop.experiments.registry import suite
+from randprop.experiments.registry import quick_splits, suite
 from randprop.measure.profile import saved_for_backward
 from randprop.models import build_model
 from randprop.random import derive_seed, generator
@@ -52,9 +52,9 @@ def saved_bytes(name: str, method: str, x: torch.Tensor, y: torch.Tensor, pixels
     return round(statistics.mean(values))
 
 
-def memory_table(train, pixels: bool) -> tuple[list[dict], int]:
+def memory_table(train, pixels: bool, batch: int = BATCH) -> tuple[list[dict], int]:
     x, y = train.tensors
-    x, y = x[:BATCH], y[:BATCH]
+    x, y = x[:batch], y[:batch]
     steps = 784 if pixels else 28
     rows = []
     for name in ("irnn", "lstm"):
@@ -67,7 +67,7 @@ def memory_table(train, pixels: bool) -> tuple[list[dict], int]:
                     "model": name,
                     "steps": steps,
                     "method": method,
-                    "batch": BATCH,
+                    "batch": batch,
                     "saved_bytes": b,
                     "exact_over": exact / b,
                 }
@@ -180,7 +180,7 @@ def _report(out: Path, name: str, r: dict) -> str:
         "",
         "## Bytes saved for backward (one forward + loss, rp.track_saved; RAD: mean of 3 draws)",
         "",
-        "| model | steps | method | batch | saved bytes | exact@150 / this |",
+        f"| model | steps | method | batch | saved bytes | exact@{r['batch']} / this |",
         "|---|---|---|---|---|---|",
     ]
     for row in r["memory"]:
@@ -191,7 +191,7 @@ def _report(out: Path, name: str, r: dict) -> str:
     lines += [
         "",
         f"Memory-matched small batch: **{r['small_batch']}** (the largest batch whose exact "
-        f"saved bytes do not exceed RAD keep={KEEP}'s at batch {BATCH}; the paper found 21). "
+        f"saved bytes do not exceed RAD keep={KEEP}'s at batch {r['batch']}; the paper found 21). "
         "The IRNN stores 1-bit masks of its hidden states and a tenth of inputs and hidden "
         "states; the LSTM must also store its gates and cell states exactly, so it saves less.",
         "",
@@ -241,17 +241,18 @@ def _run(out: Path, quick: bool, pixels: bool, name: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     began, cpu_began = time.perf_counter(), time.process_time()
     splits = load_dataset("seq-mnist", seed=0)
-    if pixels:
-        iterations, seeds, every, val_size = (10, (0,), 5, 200) if quick else (400, (0,), 50, 1000)
+    if quick:  # a smoke run: every row and plot, on a few hundred examples
+        splits, batch = quick_splits(splits, 100), 20
+        iterations, seeds, every, val_size = 2, (0,), 1, 20
+    elif pixels:
+        batch, iterations, seeds, every, val_size = BATCH, 400, (0,), 50, 1000
     else:
-        iterations, seeds, every, val_size = (
-            (30, (0,), 10, 200) if quick else (8000, (0, 1, 2), 100, 2000)
-        )
-    memory, small = memory_table(splits.train, pixels)
+        batch, iterations, seeds, every, val_size = BATCH, 8000, (0, 1, 2), 100, 2000
+    memory, small = memory_table(splits.train, pixels, batch)
     runs = [
-        train_run(splits, method, batch, iterations, seed, pixels, every, val_size)
+        train_run(splits, method, b, iterations, seed, pixels, every, val_size)
         for seed in seeds
-        for method, batch in (("exact", BATCH), (f"rad:keep={KEEP}", BATCH), ("exact", small))
+        for method, b in (("exact", batch), (f"rad:keep={KEEP}", batch), ("exact", small))
     ]
     results = {
         "quick": quick,
@@ -259,6 +260,7 @@ def _run(out: Path, quick: bool, pixels: bool, name: str) -> dict:
         "load": report.load(),
         "date": report.date(),
         "steps": 784 if pixels else 28,
+        "batch": batch,
         "iterations": iterations,
         "seeds": list(seeds),
         "small_batch": small,
@@ -277,17 +279,18 @@ def _run(out: Path, quick: bool, pixels: bool, name: str) -> dict:
 
 def _notes(r: dict, val_size: int) -> list[str]:
     s = r["summary"]
-    rad, small = s[f"rad:keep={KEEP} b={BATCH}"], s[f"exact b={r['small_batch']}"]
-    exact = s[f"exact b={BATCH}"]
+    batch = r["batch"]
+    rad, small = s[f"rad:keep={KEEP} b={batch}"], s[f"exact b={r['small_batch']}"]
+    exact = s[f"exact b={batch}"]
     return [
         "Scaled down from the paper (20k iterations, 5 seeds, learning rate tuned per method): "
         f"{r['iterations']} iterations, {len(r['seeds'])} seed(s), one learning rate for all, "
         f"validation accuracy on the first {val_size} validation examples; to fit ~15 minutes "
         "of CPU.",
         "",
-        f"Mean test accuracy: exact b={BATCH} {exact['test_accuracy']:.4f}, RAD b={BATCH} "
+        f"Mean test accuracy: exact b={batch} {exact['test_accuracy']:.4f}, RAD b={batch} "
         f"{rad['test_accuracy']:.4f}, exact b={r['small_batch']} {small['test_accuracy']:.4f}. "
-        f"Iterations to 90% validation accuracy per seed: exact b={BATCH} "
+        f"Iterations to 90% validation accuracy per seed: exact b={batch} "
         f"{exact['iterations_to_90']}, RAD {rad['iterations_to_90']}, small batch "
         f"{small['iterations_to_90']}; to 95%: exact {exact['iterations_to_95']}, RAD "
         f"{rad['iterations_to_95']}, small batch {small['iterations_to_95']} (None: not reached).",

@@ -10,6 +10,10 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+from torch.utils.data import TensorDataset
+
+from randprop.data import Splits
+
 SuiteFn = Callable[[Path, bool], dict]
 
 
@@ -31,6 +35,14 @@ def suite(name: str, description: str) -> Callable[[SuiteFn], SuiteFn]:
         return fn
 
     return register
+
+
+def quick_splits(splits: Splits, examples: int) -> Splits:
+    """The first ``examples`` of each of train / val / test: the data of a quick (smoke) run."""
+    return dataclasses.replace(splits, **{
+        part: TensorDataset(*(t[:examples] for t in getattr(splits, part).tensors))
+        for part in ("train", "val", "test")
+    })  # fmt: skip
 
 
 def get_suite(name: str) -> Suite:

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import randprop as rp
-from randprop.data import load_dataset
+from randprop.data import Splits, load_dataset
 from randprop.experiments import report
-from randprop.experiments.registry import suite
+from randprop.experiments.registry import quick_splits, suite
 from randprop.measure.profile import saved_for_backward
 from randprop.train import TrainConfig, train
 from randprop.train.loop import build_seeded
@@ -35,8 +35,9 @@ MODEL = "trace-cnn"
 TRAINED_CONVS = ("3", "6")  # conv2 and conv3 of trace-cnn; conv "0" stays exact
 FULL = {"batches": (32, 128, 256), "probes": (2, 16, 64), "examples": 135_000, "draws": 24,
         "var_probes": (2, 4, 8, 16, 32, 64), "time_repeats": 10}  # fmt: skip
-QUICK = {"batches": (32,), "probes": (2,), "examples": 640, "draws": 3,
-         "var_probes": (2, 16), "time_repeats": 2}  # fmt: skip
+# a smoke run of every row, table and plot, on the first ``split_examples`` of each split
+QUICK = {"batches": (32,), "probes": (2,), "examples": 64, "draws": 2,
+         "var_probes": (2, 16), "time_repeats": 1, "split_examples": 256}  # fmt: skip
 
 
 def first_exact(method: str) -> dict[str, str]:
@@ -137,8 +138,13 @@ def train_run(splits, method, batch: int, examples: int, seed: int = 0) -> dict:
             "train_seconds": s["train_seconds"]}  # fmt: skip
 
 
-def training_table(p: dict) -> list[dict]:
+def _mnist(p: dict) -> Splits:
     splits = load_dataset("mnist", seed=0)
+    return quick_splits(splits, p["split_examples"]) if "split_examples" in p else splits
+
+
+def training_table(p: dict) -> list[dict]:
+    splits = _mnist(p)
     rows = []
     for batch in p["batches"]:
         methods = {"exact": "exact"}
@@ -175,7 +181,7 @@ def _stored_values(model, method, x, y, name: str) -> int:
 def variance_table(p: dict) -> list[dict]:
     """Trace (three probe kinds, multi-channel; gaussian independent) against r, and RAD at the
     same number of stored values per example in conv2 (16 channels x 14 x 14 inputs)."""
-    splits = load_dataset("mnist", seed=0)
+    splits = _mnist(p)
     x, y = (t[:128] for t in splits.train.tensors)
     model = build_seeded(MODEL, 0)
     model.zero_grad(set_to_none=True)

@@ -68,8 +68,8 @@ OPTIMAL = "vjp:density={q},sketch=optimal,structure=element"
 
 
 def setups(quick: bool) -> dict[str, Setup]:
-    scale = 8 if quick else 1
-    epochs = 3 if quick else 6
+    scale = 16 if quick else 1  # quick: a smoke run of every row, table and plot
+    epochs = 2 if quick else 6
     return {
         "mlp": Setup(
             lambda: mlp(hidden=1024, depth=2),
@@ -456,12 +456,12 @@ def _run(out: Path, quick: bool) -> dict:
         "machine": report.machine(),
         "date": report.date(),
         "load_before": load_before,
-        "timing": timing_table(data["train_x"], data["train_y"], repeats=3 if quick else 15),
+        "timing": timing_table(data["train_x"], data["train_y"], repeats=1 if quick else 15),
     }
-    test_size = 500 if quick else 2000
+    test_size = 100 if quick else 2000
     results["tradeoff"] = []
     for name, setup in setups(quick).items():
-        results["tradeoff"].append(tradeoff(name, setup, test_size, repeats=3 if quick else 10))
+        results["tradeoff"].append(tradeoff(name, setup, test_size, repeats=1 if quick else 10))
         (out / "results.json").write_text(json.dumps(results, indent=2))  # partial, as it goes
     results["scaling"] = (
         "Scaled for about 15 minutes on a shared 2-core CPU: an epoch is a pass over a fixed "

@@ -4,7 +4,8 @@
 - a learning rule from ``LEARNING_RULES``;
 - activation checkpointing: ``torch.utils.checkpoint`` (non-reentrant) per block. A block is an
   element of the model's ``blocks`` / ``layers`` list; for an ``nn.Sequential`` stack, a weight
-  layer with the parameter-free layers after it, grouped into ``segments`` consecutive runs
+  layer with the norms, activations and other parameter-free layers after it
+  (``randprop.rules.sequential_blocks``), grouped into ``segments`` consecutive runs
   (default ceil(sqrt(#blocks)), Chen et al. 2016: checkpointing every single layer of a plain
   stack would save nothing, since a layer's input is the previous layer's saved output);
 - the memory-matched small batch: exact backprop with the largest batch whose *measured* saved
@@ -26,6 +27,7 @@ from randprop.convert import ConversionReport, convert, load_method_state, metho
 from randprop.measure.saved import track_saved
 from randprop.methods import METHODS, parse_method
 from randprop.methods.base import RandomizedLayer
+from randprop.rules import sequential_blocks
 from randprop.train.learning_rules import LEARNING_RULES, Backprop, LearningRule, LossFn
 
 BLOCK_LISTS = ("blocks", "layers", "layer", "h")
@@ -118,20 +120,6 @@ def _float(a) -> bool:
     return isinstance(a, torch.Tensor) and a.is_floating_point()
 
 
-def _has_params(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None
-
-
-def _sequential_blocks(model: nn.Sequential) -> list[list[nn.Module]]:
-    blocks: list[list[nn.Module]] = []
-    for child in model:
-        if not blocks or (_has_params(child) and any(_has_params(m) for m in blocks[-1])):
-            blocks.append([child])
-        else:
-            blocks[-1].append(child)
-    return blocks
-
-
 def install_checkpointing(model: nn.Module, segments: int | None = None) -> list[_Checkpointed]:
     """Checkpoint ``model`` per block in place (parameters and state_dict keys unchanged)."""
     units: list[_Checkpointed] = []
@@ -145,7 +133,7 @@ def install_checkpointing(model: nn.Module, segments: int | None = None) -> list
             block.forward = unit
             units.append(unit)
     elif isinstance(model, nn.Sequential):
-        blocks = _sequential_blocks(model)
+        blocks = sequential_blocks(model)
         n = segments or math.ceil(math.sqrt(len(blocks)))
         size = math.ceil(len(blocks) / min(n, len(blocks)))
         for start in range(0, len(blocks), size):
