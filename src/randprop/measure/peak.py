@@ -76,7 +76,7 @@ class track_peak:  # noqa: N801 (a context manager used like a function, as torc
 
     held: tensors alive at entry that count (see :func:`state_tensors`; add the batch).
     device: count only storages on this device (default: any device).
-    .bytes: the peak; .current: bytes alive now (as of the last allocation seen).
+    .bytes: the peak; .current: bytes of the counted storages alive now.
     On CUDA prefer the allocator's figure (:class:`peak_memory`).
     """
 
@@ -85,7 +85,7 @@ class track_peak:  # noqa: N801 (a context manager used like a function, as torc
     ) -> None:
         self.device = torch.device(device) if device is not None else None
         self.bytes = 0
-        self.current = 0
+        self._counted = 0  # bytes of the storages in _live, freed ones included until a prune
         self._held = list(held)
         self._live: dict[int, tuple[StorageWeakRef, int]] = {}
         self._mode = _Allocations(self)
@@ -100,15 +100,24 @@ class track_peak:  # noqa: N801 (a context manager used like a function, as torc
         ref = StorageWeakRef(storage)
         if ref.cdata in self._live:  # a view, an in-place result or a tensor already counted
             return
-        if allocation:  # frees since the last allocation lower the count before it rises
+        nbytes = storage.nbytes()
+        if allocation and self._counted + nbytes > self.bytes:
+            # frees since the last prune lower the count before it rises; while the count with
+            # freed storages still in it stays within the peak, the true count does too, so
+            # pruning is needed only where a new peak may be reached
             self._prune()
-        self._live[ref.cdata] = (ref, storage.nbytes())
-        self.current += storage.nbytes()
-        self.bytes = max(self.bytes, self.current)
+        self._live[ref.cdata] = (ref, nbytes)
+        self._counted += nbytes
+        self.bytes = max(self.bytes, self._counted)
+
+    @property
+    def current(self) -> int:
+        self._prune()
+        return self._counted
 
     def _prune(self) -> None:
         for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
-            self.current -= self._live.pop(key)[1]
+            self._counted -= self._live.pop(key)[1]
 
     def __enter__(self) -> track_peak:
         for t in self._held:
