@@ -25,12 +25,17 @@ def with_ratios(rows: list[dict], reference: dict) -> list[dict]:
     return rows
 
 
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.2f} MiB"
+
+
 def table(rows: list[dict], label_key: str = "label") -> str:
-    """Markdown table: label, method, batch, test accuracy, saved bytes and ratios to exact."""
+    """Markdown table: label, method, batch, test accuracy, saved bytes, peak memory (forward +
+    backward, and the whole training step with the optimizer's) and ratios to exact."""
     lines = [
         "| run | method | batch | test accuracy | saved bytes | memory vs exact "
-        "| s / step | time vs exact |",
-        "|---|---|---|---|---|---|---|---|",
+        "| peak fwd+bwd | peak step | s / step | time vs exact |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         acc = r["test_accuracy"]
@@ -42,6 +47,7 @@ def table(rows: list[dict], label_key: str = "label") -> str:
         lines.append(
             f"| {r[label_key]} | `{r['method']}` | {r['batch']} | {acc_text} "
             f"| {r['saved_bytes']:,} | {r['memory_vs_exact']:.2f}x "
+            f"| {_mib(r.get('peak_forward_backward_bytes'))} | {_mib(r.get('peak_bytes'))} "
             f"| {r['seconds_per_step'] * 1000:.2f} ms | {r['time_vs_exact']:.2f}x |"
         )
     return "\n".join(lines)
