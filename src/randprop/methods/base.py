@@ -39,9 +39,10 @@ def method_config(
 
 
 def torch_class(cls: type) -> type:
-    """The torch layer class a randprop layer class replaces: the first class of its MRO that
-    is not a ConvertedLayer (``torch_class(RADLinear) is nn.Linear``)."""
-    return next(c for c in cls.__mro__ if not issubclass(c, ConvertedLayer))
+    """The torch layer class a randprop layer class replaces: the class after ConvertedLayer in
+    its MRO (``torch_class(RADLinear) is nn.Linear``; mixins such as LayerState come before)."""
+    mro = cls.__mro__
+    return mro[mro.index(ConvertedLayer) + 1]
 
 
 class ConvertedLayer(nn.Module):
