@@ -253,9 +253,11 @@ def test_functional_form_needs_a_memory_holder():
     layer = _layer()
     x, d = _data((8, 6), 4, 50)
     with pytest.raises(ValueError, match="pass memory=AOPMemory"):
-        rp.functional.aop_linear(x, layer.weight, layer.bias, rp.AOP(k=2), 0)
+        rp.functional.aop_linear(x, layer.weight, layer.bias, method=rp.AOP(k=2))
     holder = aop.AOPMemory()
-    out = rp.functional.aop_linear(x, layer.weight, layer.bias, rp.AOP(k=2), 0, holder)
+    out = rp.functional.aop_linear(
+        x, layer.weight, layer.bias, method=rp.AOP(k=2), seed=0, memory=holder
+    )
     (out * d).sum().backward()
     assert holder.aop_memory_x.shape == (8, 6) and holder.aop_memory_x.abs().sum() > 0
 

@@ -13,7 +13,7 @@ import randprop as rp
 from randprop.config import METHODS, MethodConfig, register, register_layers
 from randprop.methods.base import ConvertedLayer, LayerState, RandomizedLayer
 from randprop.methods.masks import MASKED
-from randprop.methods.rad_rnn import RADLSTM, RADRNNCell
+from randprop.methods.rad import RADLSTM, RADRNNCell
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import randprop as rp
 from randprop import random as rnd
 from randprop.functional import rad_conv, rad_linear
 from randprop.measure.peak import state_tensors, track_peak
-from randprop.methods import rad
+from randprop.methods.base import conv_backward, saved_weight
+from randprop.methods.rad import functional as rad
 
 # --- the one-piece implementation RAD had before its backward was chunked: the reference ----
 
@@ -62,7 +63,7 @@ def reference_linear_weight_grad(grad_out, stored, in_features, cfg, seed):
 def reference_conv_backward(ctx, grad_out):
     """_RADConvFn.backward as it was: X_hat of the whole batch, one convolution_backward."""
     stored, weight = ctx.saved_tensors
-    weight = rad.saved_weight(ctx, weight, grad_out)
+    weight = saved_weight(ctx, weight, grad_out)
     need_x, need_w = ctx.needs_input_grad[:2]
     need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
     x_hat = None
@@ -70,7 +71,7 @@ def reference_conv_backward(ctx, grad_out):
         b, c = ctx.x_shape[:2]
         shape = torch.Size((b, c, ctx.x_shape[2:].numel()))
         x_hat = reference_decompress(stored, shape, ctx.cfg, ctx.seed).view(ctx.x_shape)
-    grads = rad.conv_backward(
+    grads = conv_backward(
         grad_out, x_hat, ctx.x_shape, weight, ctx.bias_shape, ctx.conv, [need_x, need_w, need_b]
     )
     return (*grads, None, None, None, None, None, None)
@@ -115,7 +116,7 @@ def test_linear_gradients_equal_the_one_piece_reference(cfg, shape, reference_ra
     upstream = torch.randn(*shape[:-1], 6, dtype=torch.float64, generator=gen)
 
     def fn(x, w, b):
-        return rad_linear(x, w, b, cfg, 1234)
+        return rad_linear(x, w, b, method=cfg, seed=1234)
 
     stored = rad.compress(x.reshape(-1, 1, shape[-1]), cfg, 1234)
     new = grads(fn, x, weight, bias, upstream)
@@ -148,7 +149,7 @@ def test_conv_gradients_equal_the_one_piece_reference(
     bias = torch.randn(weight_shape[0], dtype=torch.float64, generator=gen)
 
     def fn(x, w, b):
-        return rad_conv(x, w, b, cfg, 99, stride, padding, dilation, groups)
+        return rad_conv(x, w, b, stride, padding, dilation, groups, method=cfg, seed=99)
 
     upstream = torch.randn(fn(x, weight, bias).shape, dtype=torch.float64, generator=gen)
     new = grads(fn, x, weight, bias, upstream)

@@ -9,7 +9,7 @@ from stat_checks import assert_unbiased
 from torch import nn
 
 import randprop as rp
-from randprop.methods.rad_rnn import RADLSTM, RADRNN
+from randprop.methods.rad import RADLSTM, RADRNN
 from randprop.models import build_model
 
 MODES = [

@@ -104,7 +104,9 @@ def test_fast_weight_gradient_equals_reconstructed_input(layer, shape, channels)
     x_hat = T.reconstruct(T.project(x, z, cfg), z, cfg)
     out_hat = torch.ops.aten.convolution(x_hat, w, None, *conv[:3], False, conv[3], conv[4])
     (expected,) = torch.autograd.grad(out_hat, w, upstream)
-    out = T.trace_conv(x, w, None, cfg, 5, layer.stride, padding, layer.dilation, layer.groups)
+    out = T.trace_conv(
+        x, w, None, layer.stride, padding, layer.dilation, layer.groups, method=cfg, seed=5
+    )
     out.backward(upstream)
     torch.testing.assert_close(w.grad, expected, rtol=1e-10, atol=1e-10)
     if channels == "independent":

@@ -282,7 +282,7 @@ def test_seeded_reproducible_and_global_rng_untouched():
     results = []
     for _ in range(2):
         w.grad = None
-        vjp_conv(x, w, None, cfg, 17, (1, 1), (1, 1), (1, 1), 1).square().sum().backward()
+        vjp_conv(x, w, None, 1, 1, 1, 1, method=cfg, seed=17).square().sum().backward()
         results.append(w.grad.clone())
     assert torch.equal(*results)
     assert torch.equal(state, torch.get_rng_state())

@@ -1,24 +1,54 @@
-"""Functional forms of randprop's layers, for use inside any forward (as torch.nn.functional)."""
+"""Functional forms of randprop's layers, for use inside any forward (as torch.nn.functional).
+
+The Linear and Conv forms take F.linear's and F.conv1d/2d/3d's arguments (ints or tuples,
+padding 'same' and 'valid'), then the keywords ``method`` (a config of the method or its string
+form) and ``seed``: ``rad_conv2d(x, w, b, stride=2, padding=1, method="rad:keep=0.2", seed=3)``.
+The forms with state across steps take its holder: ``aop_linear(..., memory=rp.AOPMemory())``,
+``crs_linear(..., state=rp.CRSState())``.
+"""
 
 from randprop.methods.aop import aop_linear
 from randprop.methods.crs import crs_linear
 from randprop.methods.masks import leaky_relu, relu
-from randprop.methods.rad import rad_conv, rad_linear
-from randprop.methods.rad_rnn import rad_lstm, rad_relu_rnn
-from randprop.methods.trace import trace_conv
-from randprop.methods.vjp import sparse_vjp, vjp_conv, vjp_linear
+from randprop.methods.rad import (
+    rad_conv,
+    rad_conv1d,
+    rad_conv2d,
+    rad_conv3d,
+    rad_linear,
+    rad_lstm,
+    rad_relu_rnn,
+)
+from randprop.methods.trace import trace_conv, trace_conv1d, trace_conv2d, trace_conv3d
+from randprop.methods.vjp import (
+    sparse_vjp,
+    vjp_conv,
+    vjp_conv1d,
+    vjp_conv2d,
+    vjp_conv3d,
+    vjp_linear,
+)
 
 __all__ = [
     "aop_linear",
     "crs_linear",
     "leaky_relu",
     "rad_conv",
+    "rad_conv1d",
+    "rad_conv2d",
+    "rad_conv3d",
     "rad_linear",
     "rad_lstm",
     "rad_relu_rnn",
     "relu",
     "sparse_vjp",
     "trace_conv",
+    "trace_conv1d",
+    "trace_conv2d",
+    "trace_conv3d",
     "vjp_conv",
+    "vjp_conv1d",
+    "vjp_conv2d",
+    "vjp_conv3d",
     "vjp_linear",
 ]

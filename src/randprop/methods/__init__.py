@@ -1,10 +1,10 @@
-"""Estimator families: one module each with its config, autograd Functions and layer classes.
+"""Estimator families: one module (or, spanning files, one package: rad/) each with its config,
+autograd Functions, functional forms and layer classes.
 
 Importing this package registers every method: its METHODS and parse_method know them all.
 """
 
 from randprop.config import METHODS, MethodConfig, parse_method
-from randprop.methods import rad_rnn  # noqa: F401 (registers RAD's recurrent layers)
 from randprop.methods.aop import AOP, AOPMemory
 from randprop.methods.base import ConvertedLayer, LayerState, RandomizedLayer, reset_memory
 from randprop.methods.crs import CRS, CRSState

@@ -71,6 +71,7 @@ from randprop.methods.base import (
     RandomizedLayer,
     WeightNode,
     autocast_inputs,
+    method_config,
 )
 
 POLICIES = ("topk", "weighted", "random")
@@ -302,21 +303,25 @@ def _weight_grad(
 
 
 def aop_linear(
-    x: torch.Tensor,
+    input: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    cfg: AOP,
-    seed: int,
+    bias: torch.Tensor | None = None,
+    *,
+    method: AOP | str = "aop",
+    seed: int = 0,
     memory: nn.Module | None = None,
 ) -> torch.Tensor:
-    """F.linear with Mem-AOP-GD gradients drawn with ``seed``.
+    """F.linear with Mem-AOP-GD gradients drawn with ``seed`` (``method``: an AOP config or its
+    string form).
 
     memory: the module holding the memory buffers (an :class:`AOPMemory`, or the layer itself);
-    required unless cfg.memory is "off" or cfg.target is "input". Under no_grad, or when
-    neither the weight nor (for target "input" / "both") ``x`` needs a gradient, this is F.linear.
+    required unless the method's memory is "off" or its target "input". Under no_grad, or when
+    neither the weight nor (for target "input" / "both") ``input`` needs a gradient, this is
+    F.linear.
     """
+    cfg = method_config(method, AOP, "aop_linear")
     state_dtype = weight.dtype
-    x, weight, bias = autocast_inputs(x, weight, bias)
+    x, weight, bias = autocast_inputs(input, weight, bias)
     if not _active(cfg, x, weight):
         return F.linear(x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:  # no outer products: the plain op is exact
@@ -358,7 +363,8 @@ class AOPLinear(LayerState, RandomizedLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _active(self.rp_method, x, self.weight):
             return F.linear(x, self.weight, self.bias)
-        return aop_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed(), self)
+        seed = self.rp_next_seed()
+        return aop_linear(x, self.weight, self.bias, method=self.rp_method, seed=seed, memory=self)
 
 
 register_layers(AOP, {nn.Linear: AOPLinear})

@@ -5,17 +5,44 @@ config and seed stream (:class:`RandomizedLayer`), estimator state across steps
 from __future__ import annotations
 
 import collections
+import operator
 import weakref
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from randprop.random import current_rank, derive_seed
+from randprop.config import METHODS, MethodConfig, parse_method
+from randprop.random import current_rank, derive_seed, name_id
 
-if TYPE_CHECKING:
-    from randprop.config import MethodConfig
+ConfigT = TypeVar("ConfigT", bound=MethodConfig)
+LayerT = TypeVar("LayerT", bound="ConvertedLayer")
+
+
+def method_config(
+    method: MethodConfig | str,
+    allowed: type[ConfigT] | tuple[type[ConfigT], ...],
+    owner: str,
+) -> ConfigT:
+    """``method`` (a config or its string form) as a config of an ``allowed`` class; a
+    TypeError naming ``owner`` and the allowed config types otherwise."""
+    allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+    cfg = parse_method(method)
+    if not isinstance(cfg, allowed):
+        raise TypeError(
+            f"{owner}: method must be a {' or '.join(c.__name__ for c in allowed)} config or "
+            f"its string form (e.g. {allowed[0].name!r}); got {cfg}"
+        )
+    return cfg
+
+
+def torch_class(cls: type) -> type:
+    """The torch layer class a randprop layer class replaces: the class after ConvertedLayer in
+    its MRO (``torch_class(RADLinear) is nn.Linear``; mixins such as LayerState come before)."""
+    mro = cls.__mro__
+    return mro[mro.index(ConvertedLayer) + 1]
 
 
 class ConvertedLayer(nn.Module):
@@ -25,9 +52,10 @@ class ConvertedLayer(nn.Module):
     (``class RADLinear(RandomizedLayer, nn.Linear)``); the defaults here are what a class gets
     by not overriding a hook.
 
-    A converted layer is the torch layer itself with its class swapped: it has no ``__init__``
-    of its own, keeps the parameters and state_dict keys, and may only add attributes that
-    :meth:`rp_release` removes again.
+    A converted layer is the torch layer itself with its class swapped: it keeps the parameters
+    and state_dict keys, and may only add attributes that :meth:`rp_release` removes again.
+    Subclasses define no ``__init__``: the one here takes the torch class's own signature
+    (``MaskedReLU(inplace=True)``), and :meth:`from_module` converts an existing layer.
     """
 
     #: what the layer stores for backward, as the conversion report shows it (a RandomizedLayer
@@ -42,6 +70,36 @@ class ConvertedLayer(nn.Module):
     #: the class the layer had before conversion; set on the instance by the swap, removed by
     #: restore
     rp_original_class: type
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Build the layer as its torch class does from the same arguments."""
+        super().__init__(*args, **kwargs)
+        self._rp_check(self)
+        self.rp_original_class = torch_class(type(self))
+
+    @classmethod
+    def from_module(cls: type[LayerT], module: nn.Module) -> LayerT:
+        """A layer of this class sharing ``module``'s parameters, buffers and hooks (``module``
+        itself is left as it is); what ``rp.convert`` does to one layer, in place."""
+        base = torch_class(cls)
+        if isinstance(module, ConvertedLayer) or type(module) is not base:
+            raise TypeError(
+                f"{cls.__name__}.from_module takes a {base.__name__}; got "
+                f"{type(module).__name__} (rp.convert also converts subclasses)"
+            )
+        cls._rp_check(module)
+        layer = cls.__new__(cls)
+        layer.__dict__.update(
+            {k: v.copy() if isinstance(v, (dict, list)) else v for k, v in module.__dict__.items()}
+        )
+        layer.rp_original_class = base
+        return layer
+
+    @classmethod
+    def _rp_check(cls, module: nn.Module) -> None:
+        reason = cls.rp_unsupported(module)
+        if reason:
+            raise ValueError(f"{cls.__name__}: {reason.removesuffix('; kept exact')}")
 
     @staticmethod
     def rp_unsupported(module: nn.Module) -> str | None:
@@ -66,7 +124,10 @@ class ConvertedLayer(nn.Module):
 class RandomizedLayer(ConvertedLayer):
     """Converted layer with a method config and a seed stream; ``convert`` swaps a layer's class
     and sets ``rp_method`` (the config), ``rp_seed`` (the run seed), ``rp_layer`` and
-    ``rp_step`` (0).
+    ``rp_step`` (0). Built directly, it takes the torch class's signature plus the keywords
+    ``method`` (a config of the layer's method or its string form; default: that method's
+    defaults), ``seed`` and ``name`` (the qualified name hashed into ``rp_layer``):
+    ``RADLinear(4, 3, method=rp.RAD(keep=0.1))``, ``RADLinear.from_module(linear, "rad")``.
 
     The layer keeps its parameters and state_dict keys. A forward call whose gradient the
     method estimates may be needed (grad enabled and the weight requires grad; SparseVJP and
@@ -82,6 +143,65 @@ class RandomizedLayer(ConvertedLayer):
     rp_seed: int = 0
     rp_layer: int = 0
     rp_step: int = 0
+
+    def __init__(
+        self,
+        *args: Any,
+        method: MethodConfig | str | None = None,
+        seed: int = 0,
+        name: str = "",
+        **kwargs: Any,
+    ) -> None:
+        """The torch class's own arguments; then the method config, run seed and layer name."""
+        super().__init__(*args, **kwargs)
+        self._rp_configure(method, seed, name)
+
+    @classmethod
+    def from_module(
+        cls: type[LayerT],
+        module: nn.Module,
+        method: MethodConfig | str | None = None,
+        seed: int = 0,
+        name: str = "",
+    ) -> LayerT:
+        """A layer of this class with ``method`` sharing ``module``'s parameters (``module``
+        itself is left as it is); ``name``: its qualified name in the model, as convert
+        would hash it into ``rp_layer``."""
+        cls.rp_method_types()  # a clear error for an unregistered class, before anything else
+        layer = super().from_module(module)
+        layer._rp_configure(method, seed, name)
+        return layer
+
+    @classmethod
+    def rp_method_types(cls) -> tuple[type[MethodConfig], ...]:
+        """The config classes that register this class (or a class it derives from) with
+        ``register_layers``: the methods it can run."""
+        types = tuple(
+            cfg
+            for cfg in dict.fromkeys(METHODS.values())
+            if any(layer in cfg.layer_types.values() for layer in cls.__mro__)
+        )
+        if not types:
+            raise TypeError(f"{cls.__name__} is not registered with any method (register_layers)")
+        return types
+
+    def _rp_configure(self, method: MethodConfig | str | None, seed: int, name: str) -> None:
+        types = self.rp_method_types()
+        owner = type(self).__name__
+        if method is None and len(types) > 1:
+            names = ", ".join(t.__name__ for t in types)
+            raise TypeError(f"{owner}: give method= (one of the configs {names})")
+        cfg = types[0]() if method is None else method_config(method, types, owner)
+        try:
+            seed = operator.index(seed) if not isinstance(seed, bool) else None
+        except TypeError:
+            seed = None
+        if seed is None:
+            raise TypeError(f"{owner}: seed must be an int")
+        if not isinstance(name, str):
+            raise TypeError(f"{owner}: name must be a str; got {type(name).__name__}")
+        self.rp_method, self.rp_seed, self.rp_layer = cfg, seed, name_id(name)
+        self.rp_step = 0
 
     @property
     def rp_storage(self) -> str:
@@ -230,26 +350,76 @@ def explicit_padding(conv: nn.modules.conv._ConvNd, x: torch.Tensor):
     return x, conv.padding
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: a method's batched convolution: (x, weight, bias, stride, padding, dilation, groups) with
+#: lists of ints and symmetric zero padding
+ConvCore = Callable[..., torch.Tensor]
+
+
+def conv_nd(
+    core: ConvCore,
+    dims: int | None,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | tuple[int, ...],
+    padding: str | int | tuple[int, ...],
+    dilation: int | tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """``core`` called with the arguments of ``F.conv{dims}d`` (dims None: by the weight's
+    rank) made explicit as F.conv does: ints repeated per spatial dim, unbatched input given a
+    batch of one, 'valid' as no padding and 'same' as padding (d (k - 1)) // 2 on both sides
+    plus, where d (k - 1) is odd, one zero column more on the right, added by F.pad. Arguments
+    F.conv rejects get its own error."""
+    dims = weight.dim() - 2 if dims is None else dims
+    shapes_ok = dims in _CONV and weight.dim() == dims + 2 and input.dim() in (dims + 1, dims + 2)
+    if not shapes_ok or padding not in ("valid", "same") and isinstance(padding, str):
+        return _CONV.get(dims, F.conv2d)(input, weight, bias, stride, padding, dilation, groups)
+    stride, dilation = _ntuple(stride, dims), _ntuple(dilation, dims)
+    unbatched = input.dim() == dims + 1
+    x = input.unsqueeze(0) if unbatched else input
+    if padding == "valid":
+        padding = [0] * dims
+    elif padding == "same":
+        if any(s != 1 for s in stride):  # F.conv's error
+            return _CONV[dims](input, weight, bias, stride, padding, dilation, groups)
+        total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True)]
+        padding = [t // 2 for t in total]
+        extra = [t % 2 for t in reversed(total)]  # F.pad lists the last dim first
+        if any(extra):
+            x = F.pad(x, [p for e in extra for p in (0, e)])
+    else:
+        padding = _ntuple(padding, dims)
+    out = core(x, weight, bias, stride, padding, dilation, groups)
+    return out.squeeze(0) if unbatched else out
+
+
+def _ntuple(value: int | tuple[int, ...], dims: int) -> list[int]:
+    return (
+        [operator.index(v) for v in value] if isinstance(value, (tuple, list)) else [value] * dims
+    )
+
+
 class RandomizedConvNd(RandomizedLayer):
     """Forward shared by converted convolutions: the plain convolution when no estimate is
-    needed, else unbatched input and padding modes handled, then the method's functional form
-    ``rp_conv(x, weight, bias, cfg, seed, stride, padding, dilation, groups)``."""
+    needed, else a non-zero padding mode applied by F.pad and then the method's functional
+    convolution ``rp_conv`` (the signature of F.conv2d, any rank, with keywords ``method`` and
+    ``seed``)."""
 
-    #: the method's functional convolution (1d/2d/3d by the rank of its input)
+    #: the method's functional convolution (1d/2d/3d by the rank of its weight)
     rp_conv: staticmethod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (self.weight.dim() - 1, self.weight.dim()):
-            return self._conv_forward(x, self.weight, self.bias)  # plain PyTorch's shape error
-        if not self.rp_active(x):
+        if x.dim() not in (self.weight.dim() - 1, self.weight.dim()) or not self.rp_active(x):
             return self._conv_forward(x, self.weight, self.bias)
-        unbatched = x.dim() == self.weight.dim() - 1
-        x, padding = explicit_padding(self, x.unsqueeze(0) if unbatched else x)
-        seed = self.rp_next_seed()
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
         conv = type(self).rp_conv
-        out = conv(x, self.weight, self.bias, self.rp_method, seed, self.stride, padding,
-                   self.dilation, self.groups)  # fmt: skip
-        return out.squeeze(0) if unbatched else out
+        return conv(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                    method=self.rp_method, seed=self.rp_next_seed())  # fmt: skip
 
 
 # --- estimator state across steps --------------------------------------------------------------

@@ -45,6 +45,7 @@ from randprop.methods.base import (
     RandomizedLayer,
     WeightNode,
     autocast_inputs,
+    method_config,
 )
 
 
@@ -175,20 +176,23 @@ class _CRSLinearFn(torch.autograd.Function):
 
 
 def crs_linear(
-    x: torch.Tensor,
+    input: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    cfg: CRS,
-    seed: int,
+    bias: torch.Tensor | None = None,
+    *,
+    method: CRS | str = "crs",
+    seed: int = 0,
     state: nn.Module | None = None,
 ) -> torch.Tensor:
-    """F.linear whose weight gradient comes from K = keep x N rows of ``x`` sampled with ``seed``.
+    """F.linear whose weight gradient comes from K = keep x N rows of ``input`` sampled with
+    ``seed`` (``method``: a CRS config or its string form).
 
     state: the module holding the running gradient-norm estimate (a :class:`CRSState`, or the
     layer itself); without it the rows are scored by |x_i| alone. Under no_grad or when the
     weight needs no gradient this is F.linear.
     """
-    x, weight, bias = autocast_inputs(x, weight, bias)
+    cfg = method_config(method, CRS, "crs_linear")
+    x, weight, bias = autocast_inputs(input, weight, bias)
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.linear(x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:  # nothing to sample: the plain op is exact
@@ -209,7 +213,8 @@ class CRSLinear(LayerState, RandomizedLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.rp_needs_weight_grad():
             return F.linear(x, self.weight, self.bias)
-        return crs_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed(), self)
+        seed = self.rp_next_seed()
+        return crs_linear(x, self.weight, self.bias, method=self.rp_method, seed=seed, state=self)
 
 
 register_layers(CRS, {nn.Linear: CRSLinear})

@@ -16,14 +16,15 @@ in X. Forward and input gradient are exact; forward stores only the projections 
 Probes live on the unpadded grid: zero padding contributes nothing to <z, X>, and the
 weight-gradient routine pads the probes with zeros itself, so X_hat is exactly zero on the border
 (unbiased, with less variance than probing the padding too). Reflect / replicate / circular padding
-and 'same' are applied to the input first (base.explicit_padding), so the probes span every value
-the convolution reads. Groups (depthwise included), stride, dilation and bias are passed to the
+are applied to the input first, so the probes span every value the convolution reads ('same'
+pads symmetrically, as zero padding, plus one zero column by F.pad where its total is odd). Groups (depthwise included), stride, dilation and bias are passed to the
 same routine as the exact convolution uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -38,6 +39,8 @@ from randprop.methods.base import (
     autocast_inputs,
     conv_backward,
     conv_forward,
+    conv_nd,
+    method_config,
     saved_weight,
     weight_to_save,
 )
@@ -205,26 +208,84 @@ class _TraceConvFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-def trace_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    cfg: Trace,
-    seed: int,
-    stride: tuple[int, ...],
-    padding: tuple[int, ...],
-    dilation: tuple[int, ...],
-    groups: int,
-) -> torch.Tensor:
-    """Convolution (1d/2d/3d by the rank of batched ``x``, zero ``padding``) whose weight
-    gradient is a trace estimate with probes drawn from ``seed``."""
+def _trace_conv(x, weight, bias, stride, padding, dilation, groups, *, cfg: Trace, seed: int):
+    """The batched convolution with trace-estimated weight gradients (lists of ints, zero
+    padding)."""
     x, weight, bias = autocast_inputs(x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:  # nothing to sketch: the plain op is exact
         zeros = [0] * (x.dim() - 2)
         return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
-    return _TraceConvFn.apply(
-        x, weight, bias, cfg, seed, list(stride), list(padding), list(dilation), groups
-    )
+    return _TraceConvFn.apply(x, weight, bias, cfg, seed, stride, padding, dilation, groups)
+
+
+def _conv(dims: int | None, input, weight, bias, stride, padding, dilation, groups, method, seed):
+    cfg = method_config(method, Trace, "trace_conv")
+    core = functools.partial(_trace_conv, cfg=cfg, seed=seed)
+    return conv_nd(core, dims, input, weight, bias, stride, padding, dilation, groups)
+
+
+def trace_conv(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: Trace | str = "trace",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Convolution (1d/2d/3d by the rank of ``weight``; arguments as F.conv2d's) whose weight gradient is a trace estimate with probes drawn from ``seed``."""
+    return _conv(None, input, weight, bias, stride, padding, dilation, groups, method, seed)
+
+
+def trace_conv1d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: Trace | str = "trace",
+    seed: int = 0,
+) -> torch.Tensor:
+    """F.conv1d whose weight gradient is a trace estimate with probes drawn from ``seed`` (see :func:`trace_conv`)."""
+    return _conv(1, input, weight, bias, stride, padding, dilation, groups, method, seed)
+
+
+def trace_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: Trace | str = "trace",
+    seed: int = 0,
+) -> torch.Tensor:
+    """F.conv2d whose weight gradient is a trace estimate with probes drawn from ``seed`` (see :func:`trace_conv`)."""
+    return _conv(2, input, weight, bias, stride, padding, dilation, groups, method, seed)
+
+
+def trace_conv3d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: Trace | str = "trace",
+    seed: int = 0,
+) -> torch.Tensor:
+    """F.conv3d whose weight gradient is a trace estimate with probes drawn from ``seed`` (see :func:`trace_conv`)."""
+    return _conv(3, input, weight, bias, stride, padding, dilation, groups, method, seed)
 
 
 class _TraceConvNd(RandomizedConvNd):

@@ -25,6 +25,7 @@ Every draw is regenerated from the integer seed saved in ctx.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -39,6 +40,8 @@ from randprop.methods.base import (
     autocast_inputs,
     conv_backward,
     conv_forward,
+    conv_nd,
+    method_config,
     saved_weight,
     weight_to_save,
 )
@@ -186,15 +189,6 @@ def sketch(g: torch.Tensor, cfg: SparseVJP, seed: int, channel_dim: int = -1) ->
     return g * unit_weights(n, scores, cfg, gen, g.device).to(g.dtype).view(shape)
 
 
-def _as_config(cfg: SparseVJP | str) -> SparseVJP:
-    from randprop.config import parse_method
-
-    cfg = parse_method(cfg)
-    if not isinstance(cfg, SparseVJP):
-        raise TypeError(f"cfg must be a SparseVJP config; got {type(cfg).__name__}")
-    return cfg
-
-
 class _SketchFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cfg: SparseVJP, seed: int, channel_dim: int):
@@ -207,11 +201,13 @@ class _SketchFn(torch.autograd.Function):
 
 
 def sparse_vjp(
-    x: torch.Tensor, cfg: SparseVJP | str, seed: int, channel_dim: int = -1
+    x: torch.Tensor, method: SparseVJP | str, seed: int, channel_dim: int = -1
 ) -> torch.Tensor:
-    """Identity in forward; backward applies the unbiased sketch S of ``cfg`` (seeded by
-    ``seed``) to the incoming gradient. Rows are dim 0, columns ``channel_dim``."""
-    return _SketchFn.apply(x, _as_config(cfg), seed, channel_dim)
+    """Identity in forward; backward applies the unbiased sketch S of ``method`` (a SparseVJP
+    config or its string form, seeded by ``seed``) to the incoming gradient. Rows are dim 0,
+    columns ``channel_dim``."""
+    cfg = method_config(method, SparseVJP, "sparse_vjp")
+    return _SketchFn.apply(x, cfg, seed, channel_dim)
 
 
 def _row_pattern(cfg: SparseVJP) -> bool:
@@ -322,20 +318,22 @@ class _VJPLinearFn(torch.autograd.Function):
 
 
 def vjp_linear(
-    x: torch.Tensor,
+    input: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    cfg: SparseVJP | str,
-    seed: int,
+    bias: torch.Tensor | None = None,
+    *,
+    method: SparseVJP | str = "vjp",
+    seed: int = 0,
 ) -> torch.Tensor:
     """F.linear whose output gradient is sketched (``sparse_vjp``) before its own backward,
-    which then runs only on the kept rows / columns. Rows are dim 0 of ``x``."""
-    x, weight, bias = autocast_inputs(x, weight, bias)
+    which then runs only on the kept rows / columns. Rows are dim 0 of ``input``."""
+    cfg = method_config(method, SparseVJP, "vjp_linear")
+    x, weight, bias = autocast_inputs(input, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:  # nothing to sketch: the plain op is exact
         return F.linear(x, weight, bias)
     if x.dim() == 1:
-        return _VJPLinearFn.apply(x.unsqueeze(0), weight, bias, _as_config(cfg), seed)[0]
-    return _VJPLinearFn.apply(x, weight, bias, _as_config(cfg), seed)
+        return _VJPLinearFn.apply(x.unsqueeze(0), weight, bias, cfg, seed)[0]
+    return _VJPLinearFn.apply(x, weight, bias, cfg, seed)
 
 
 def _needs_sketch(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -351,7 +349,8 @@ class VJPLinear(RandomizedLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_sketch(self, x):
             return F.linear(x, self.weight, self.bias)
-        return vjp_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed())
+        seed = self.rp_next_seed()
+        return vjp_linear(x, self.weight, self.bias, method=self.rp_method, seed=seed)
 
 
 # --- Conv -----------------------------------------------------------------------------------
@@ -454,27 +453,83 @@ class _VJPConvFn(torch.autograd.Function):
         return (gx, gw, gb, *rest)
 
 
-def vjp_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    cfg: SparseVJP | str,
-    seed: int,
-    stride: tuple[int, ...],
-    padding: tuple[int, ...],
-    dilation: tuple[int, ...],
-    groups: int,
-) -> torch.Tensor:
-    """Convolution (1d/2d/3d by the rank of ``x``) whose output gradient is sketched before its
-    own backward. Rows are examples, columns output channels (channel structure needs groups=1
-    for the smaller GEMMs; with groups > 1 the sketch is applied densely)."""
+def _vjp_conv(x, weight, bias, stride, padding, dilation, groups, *, cfg: SparseVJP, seed: int):
+    """The batched convolution with a sketched output gradient (lists of ints, zero padding)."""
     x, weight, bias = autocast_inputs(x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:  # nothing to sketch: the plain op is exact
         zeros = [0] * (x.dim() - 2)
         return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
-    return _VJPConvFn.apply(
-        x, weight, bias, _as_config(cfg), seed, list(stride), list(padding), list(dilation), groups
-    )
+    return _VJPConvFn.apply(x, weight, bias, cfg, seed, stride, padding, dilation, groups)
+
+
+def _conv(dims: int | None, input, weight, bias, stride, padding, dilation, groups, method, seed):
+    cfg = method_config(method, SparseVJP, "vjp_conv")
+    core = functools.partial(_vjp_conv, cfg=cfg, seed=seed)
+    return conv_nd(core, dims, input, weight, bias, stride, padding, dilation, groups)
+
+
+def vjp_conv(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: SparseVJP | str = "vjp",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Convolution (1d/2d/3d by the rank of ``weight``; arguments as F.conv2d's) whose output gradient is sketched before its own backward; rows are examples, columns output channels (channel structure needs groups=1 for the smaller GEMMs; with groups > 1 the sketch is applied densely)."""
+    return _conv(None, input, weight, bias, stride, padding, dilation, groups, method, seed)
+
+
+def vjp_conv1d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: SparseVJP | str = "vjp",
+    seed: int = 0,
+) -> torch.Tensor:
+    """F.conv1d whose output gradient is sketched before its own backward (see :func:`vjp_conv`)."""
+    return _conv(1, input, weight, bias, stride, padding, dilation, groups, method, seed)
+
+
+def vjp_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: SparseVJP | str = "vjp",
+    seed: int = 0,
+) -> torch.Tensor:
+    """F.conv2d whose output gradient is sketched before its own backward (see :func:`vjp_conv`)."""
+    return _conv(2, input, weight, bias, stride, padding, dilation, groups, method, seed)
+
+
+def vjp_conv3d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: SparseVJP | str = "vjp",
+    seed: int = 0,
+) -> torch.Tensor:
+    """F.conv3d whose output gradient is sketched before its own backward (see :func:`vjp_conv`)."""
+    return _conv(3, input, weight, bias, stride, padding, dilation, groups, method, seed)
 
 
 class _VJPConvNd(RandomizedConvNd):

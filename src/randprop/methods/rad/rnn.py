@@ -5,7 +5,7 @@ The weight gradients are sums over time of outer products,
 
     dW_ih = sum_t dz_t^T x_t,    dW_hh = sum_t dz_t^T h_{t-1},
 
-so, as for a Linear layer (methods/rad.py), storing unbiased sketches x_hat_t, h_hat_{t-1}
+so, as for a Linear layer (functional.py), storing unbiased sketches x_hat_t, h_hat_{t-1}
 (E[x_hat] = x) keeps them unbiased. The recurrent backward signal is exact:
 
 - ReLU RNN, h_t = relu(z_t): dz_t = (dh_t) * 1[z_t > 0] and dh_{t-1} += dz_t W_hh, which needs
@@ -27,9 +27,10 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from randprop.config import register_layers
-from randprop.methods.base import RandomizedLayer, autocast_inputs
+from randprop.methods.base import RandomizedLayer, autocast_inputs, method_config
 from randprop.methods.masks import pack_bits, unpack_bits
-from randprop.methods.rad import RAD, compress, linear_weight_grad
+from randprop.methods.rad.config import RAD
+from randprop.methods.rad.functional import compress, linear_weight_grad
 from randprop.random import derive_seed
 
 _INPUT, _HIDDEN = 0, 1
@@ -198,13 +199,16 @@ def rad_relu_rnn(
     w_hh: torch.Tensor,
     b_ih: torch.Tensor | None,
     b_hh: torch.Tensor | None,
-    cfg: RAD,
-    seed: int,
+    *,
+    method: RAD | str = "rad",
+    seed: int = 0,
 ) -> torch.Tensor:
     """ReLU RNN layer on x (T, B, n) from h0 (B, H) or zeros: the (T, B, H) hidden states.
 
-    Forward and input / hidden-state gradients are exact; dW_ih, dW_hh use RAD sketches.
+    Forward and input / hidden-state gradients are exact; dW_ih, dW_hh use RAD sketches
+    (``method``: a RAD config or its string form).
     """
+    cfg = method_config(method, RAD, "rad_relu_rnn")
     x, h0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, w_ih, w_hh, b_ih, b_hh)
     return _ReLURNNFn.apply(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, seed)
 
@@ -217,13 +221,16 @@ def rad_lstm(
     w_hh: torch.Tensor,
     b_ih: torch.Tensor | None,
     b_hh: torch.Tensor | None,
-    cfg: RAD,
-    seed: int,
+    *,
+    method: RAD | str = "rad",
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LSTM layer on x (T, B, n): ((T, B, H) hidden states, final cell state (B, H)).
 
-    Forward and input / state gradients are exact; dW_ih, dW_hh use RAD sketches.
+    Forward and input / state gradients are exact; dW_ih, dW_hh use RAD sketches
+    (``method``: a RAD config or its string form).
     """
+    cfg = method_config(method, RAD, "rad_lstm")
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     return _LSTMFn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, cfg, seed)
 
@@ -295,7 +302,7 @@ class RADRNN(_RADRNNBase, nn.RNN):
         return list(hx.unsqueeze(1) if unbatched else hx)
 
     def _layer(self, x, h0, weights, cfg, seed):
-        out = rad_relu_rnn(x, h0, *weights, cfg, seed)
+        out = rad_relu_rnn(x, h0, *weights, method=cfg, seed=seed)
         return out, out[-1]
 
     def _join_states(self, finals, unbatched):
@@ -315,7 +322,7 @@ class RADLSTM(_RADRNNBase, nn.LSTM):
         return list(zip(h, c, strict=True))
 
     def _layer(self, x, state, weights, cfg, seed):
-        out, c_n = rad_lstm(x, *state, *weights, cfg, seed)
+        out, c_n = rad_lstm(x, *state, *weights, method=cfg, seed=seed)
         return out, (out[-1], c_n)
 
     def _join_states(self, finals, unbatched):
@@ -345,7 +352,8 @@ class RADRNNCell(RandomizedLayer, nn.RNNCell):
         unbatched = input.dim() == 1
         x = input.reshape(1, -1, input.shape[-1])
         h0 = None if hx is None else hx.reshape(x.shape[1], -1)
-        h = rad_relu_rnn(x, h0, *_cell_weights(self), self.rp_method, self.rp_next_seed())[0]
+        seed = self.rp_next_seed()
+        h = rad_relu_rnn(x, h0, *_cell_weights(self), method=self.rp_method, seed=seed)[0]
         return h.squeeze(0) if unbatched else h
 
 
@@ -358,12 +366,12 @@ class RADLSTMCell(RandomizedLayer, nn.LSTMCell):
         unbatched = input.dim() == 1
         x = input.reshape(1, -1, input.shape[-1])
         h0, c0 = (None, None) if hx is None else (s.reshape(x.shape[1], -1) for s in hx)
-        out, c = rad_lstm(x, h0, c0, *_cell_weights(self), self.rp_method, self.rp_next_seed())
+        seed = self.rp_next_seed()
+        out, c = rad_lstm(x, h0, c0, *_cell_weights(self), method=self.rp_method, seed=seed)
         h = out[0]
         return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
 
 
-# RAD converts recurrent layers too: register them in its layer map.
 register_layers(
     RAD, {nn.RNN: RADRNN, nn.LSTM: RADLSTM, nn.RNNCell: RADRNNCell, nn.LSTMCell: RADLSTMCell}
 )

@@ -1,4 +1,5 @@
-"""RAD: randomized automatic differentiation for Linear and Conv layers (Oktay et al., 2020).
+"""RAD's functional forms for Linear and Conv (the sketches, the autograd Functions,
+rad_linear, rad_conv1d/2d/3d): randomized automatic differentiation (Oktay et al., 2020).
 
 Forward, input gradient and bias gradient are exact. The input X is stored only as a random
 sketch X_hat with E[X_hat] = X, and the weight gradient dW = D^T X_hat (Linear) or
@@ -26,46 +27,23 @@ that can exceed the stored values.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_choice, check_fraction, register, register_layers
 from randprop.methods.base import (
-    RandomizedConvNd,
-    RandomizedLayer,
     autocast_inputs,
     conv_backward,
     conv_forward,
+    conv_nd,
+    method_config,
     saved_weight,
     weight_to_save,
 )
-
-
-@register
-@dataclasses.dataclass(frozen=True)
-class RAD(MethodConfig):
-    """Randomized activation storage for weight gradients.
-
-    keep: fraction p of activation values stored, in (0, 1].
-    mode: "sample" (random entries, scaled 1/p) or "project" (Rademacher projection).
-    same_sample: share one random pattern across the batch.
-    """
-
-    name = "rad"
-    keep: float = 0.1
-    mode: str = "sample"
-    same_sample: bool = False
-
-    def __post_init__(self) -> None:
-        check_fraction("rad", "keep", self.keep)
-        check_choice("rad", "mode", self.mode, ("sample", "project"))
-        check_choice("rad", "same_sample", self.same_sample, (True, False))
-
+from randprop.methods.rad.config import RAD
 
 # --- the sketch of X, shape (B, G, n) --------------------------------------------------------
 #
@@ -218,22 +196,20 @@ class _RADLinearFn(torch.autograd.Function):
 
 
 def rad_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: RAD, seed: int
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    method: RAD | str = "rad",
+    seed: int = 0,
 ) -> torch.Tensor:
-    """F.linear whose weight gradient comes from a RAD sketch of ``x`` drawn with ``seed``."""
-    x, weight, bias = autocast_inputs(x, weight, bias)
+    """F.linear whose weight gradient comes from a RAD sketch of ``input`` drawn with ``seed``
+    (``method``: a RAD config or its string form)."""
+    cfg = method_config(method, RAD, "rad_linear")
+    x, weight, bias = autocast_inputs(input, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:  # nothing to sketch: the plain op is exact
         return F.linear(x, weight, bias)
     return _RADLinearFn.apply(x, weight, bias, cfg, seed)
-
-
-class RADLinear(RandomizedLayer, nn.Linear):
-    """nn.Linear with RAD weight gradients."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.rp_needs_weight_grad():
-            return F.linear(x, self.weight, self.bias)
-        return rad_linear(x, self.weight, self.bias, self.rp_method, self.rp_next_seed())
 
 
 # --- Conv -----------------------------------------------------------------------------------
@@ -279,43 +255,80 @@ class _RADConvFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-def rad_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    cfg: RAD,
-    seed: int,
-    stride: tuple[int, ...],
-    padding: tuple[int, ...],
-    dilation: tuple[int, ...],
-    groups: int,
-) -> torch.Tensor:
-    """Convolution (1d/2d/3d by the rank of ``x``) with RAD weight gradients."""
+def _rad_conv(x, weight, bias, stride, padding, dilation, groups, *, cfg: RAD, seed: int):
+    """The batched convolution with RAD weight gradients (lists of ints, zero padding)."""
     x, weight, bias = autocast_inputs(x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:  # nothing to sketch: the plain op is exact
         zeros = [0] * (x.dim() - 2)
         return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
-    return _RADConvFn.apply(
-        x, weight, bias, cfg, seed, list(stride), list(padding), list(dilation), groups
-    )
+    return _RADConvFn.apply(x, weight, bias, cfg, seed, stride, padding, dilation, groups)
 
 
-class _RADConvNd(RandomizedConvNd):
-    rp_conv = staticmethod(rad_conv)
+def _conv(dims: int | None, input, weight, bias, stride, padding, dilation, groups, method, seed):
+    core = functools.partial(_rad_conv, cfg=method_config(method, RAD, "rad_conv"), seed=seed)
+    return conv_nd(core, dims, input, weight, bias, stride, padding, dilation, groups)
 
 
-class RADConv1d(_RADConvNd, nn.Conv1d):
-    """nn.Conv1d with RAD weight gradients."""
+def rad_conv(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: RAD | str = "rad",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Convolution (1d/2d/3d by the rank of ``weight``; arguments as F.conv2d's) whose weight
+    gradient comes from a RAD sketch of the input drawn with ``seed``."""
+    return _conv(None, input, weight, bias, stride, padding, dilation, groups, method, seed)
 
 
-class RADConv2d(_RADConvNd, nn.Conv2d):
-    """nn.Conv2d with RAD weight gradients."""
+def rad_conv1d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: RAD | str = "rad",
+    seed: int = 0,
+) -> torch.Tensor:
+    """F.conv1d with RAD weight gradients (see :func:`rad_conv`)."""
+    return _conv(1, input, weight, bias, stride, padding, dilation, groups, method, seed)
 
 
-class RADConv3d(_RADConvNd, nn.Conv3d):
-    """nn.Conv3d with RAD weight gradients."""
+def rad_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: RAD | str = "rad",
+    seed: int = 0,
+) -> torch.Tensor:
+    """F.conv2d with RAD weight gradients (see :func:`rad_conv`)."""
+    return _conv(2, input, weight, bias, stride, padding, dilation, groups, method, seed)
 
 
-register_layers(
-    RAD, {nn.Linear: RADLinear, nn.Conv1d: RADConv1d, nn.Conv2d: RADConv2d, nn.Conv3d: RADConv3d}
-)
+def rad_conv3d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    *,
+    method: RAD | str = "rad",
+    seed: int = 0,
+) -> torch.Tensor:
+    """F.conv3d with RAD weight gradients (see :func:`rad_conv`)."""
+    return _conv(3, input, weight, bias, stride, padding, dilation, groups, method, seed)
