@@ -160,8 +160,9 @@ def test_conv_gradients_equal_the_one_piece_reference(
 
 def test_chunked_draws_are_the_one_piece_draws():
     """Chunks are several: the equality above is not that of a single chunk."""
-    assert rad.rows_per_chunk(150, 79, 784) == 15
-    assert rad.rows_per_chunk(2, 1, 1000) == 1
+    assert rad.rows_per_chunk(1500, 79, 784) == 151  # the stored values' size
+    assert rad.rows_per_chunk(150, 79, 784) == 2**14 // 784  # the floor
+    assert rad.rows_per_chunk(2, 1, 100_000) == 1
 
 
 # --- peak memory ----------------------------------------------------------------------------

@@ -54,10 +54,17 @@ from randprop.methods.rad.config import RAD
 # them; per-row signs are drawn chunk after chunk in row order, in compress and decompress alike.
 
 
-def rows_per_chunk(b: int, k: int, n: int) -> int:
-    """Rows of the B dimension per chunk: c with c*n <= B*k (at least 1), so that a chunk of
-    X_hat (c, G, n) holds no more elements than the stored values (B, G, k)."""
-    return max(1, (b * k) // n)
+#: smallest chunk of X_hat worth its own pass, in elements (64 KiB of float32): below it the
+#: per-chunk overhead (a recurrent layer has small batches at every time step) costs more time
+#: than the transient costs memory
+MIN_CHUNK_ELEMENTS = 2**14
+
+
+def rows_per_chunk(b: int, k: int, n: int, g: int = 1) -> int:
+    """Rows of the B dimension per chunk: the most c with c*n <= B*k or c*G*n <=
+    MIN_CHUNK_ELEMENTS (at least 1), so that a chunk of X_hat (c, G, n) holds no more elements
+    than the stored values (B, G, k), or than a small fixed floor."""
+    return max(1, (b * k) // n, MIN_CHUNK_ELEMENTS // (g * n))
 
 
 def _chunks(rows: int, size: int) -> list[slice]:
@@ -98,7 +105,7 @@ def compress(x: torch.Tensor, cfg: RAD, seed: int) -> torch.Tensor:
         if cfg.same_sample:
             return x @ r
     stored = x.new_empty(b, g, k)
-    for rows in _chunks(b, rows_per_chunk(b, k, n)):
+    for rows in _chunks(b, rows_per_chunk(b, k, n, g)):
         part = x[rows]
         if cfg.mode == "sample":
             torch.gather(part, 2, _windows(perm, shift[rows], k), out=stored[rows])
@@ -130,7 +137,7 @@ def x_hat_chunks(
         perm, shift = _window_draw(shape, gen, device)
     else:
         r = rnd.projection(n, k, gen, device, dtype)
-    for rows in _chunks(b, rows_per_chunk(b, k, n)):
+    for rows in _chunks(b, rows_per_chunk(b, k, n, g)):
         if cfg.mode == "sample":
             x_hat = torch.zeros(stored[rows].shape[:2] + (n,), dtype=dtype, device=device)
             x_hat.scatter_(2, _windows(perm, shift[rows], k), stored[rows] * (n / k))
