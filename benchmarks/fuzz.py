@@ -1,4 +1,4 @@
-"""A larger sweep of the random-configuration fuzz in tests/test_fuzz.py (same harness, its own
+"""A larger sweep of the random-configuration fuzz in tests/methods/test_fuzz.py (same harness, its own
 seed): N cases of the cheap checks (forward, exact parts, global RNG, reproducibility) and M
 unbiasedness cases, written to OUT/report.md and OUT/results.json.
 
@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import test_fuzz as fuzz  # noqa: E402  (the harness lives beside the suite's statistics helpers)
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(TESTS), str(TESTS / "methods")]  # the statistics helpers and the harness
+import test_fuzz as fuzz  # noqa: E402
 
 
 def run(cases: list, check) -> list[dict]:
@@ -66,7 +67,7 @@ def report(results: dict, command: str) -> str:
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s); {results['date']}; {results['wall_seconds']:.0f} s.",
         "",
-        "Harness: tests/test_fuzz.py (check_case: forward, exact parts of the backward, global RNG "
+        "Harness: tests/methods/test_fuzz.py (check_case: forward, exact parts of the backward, global RNG "
         "untouched, same seed bitwise equal, other seeds different; check_unbiased: "
         f"{fuzz.STAT_DRAWS} float64 draws, Hotelling T^2 and scale ratio per gradient, a "
         "rejection confirmed on 4x fresh draws). Skipped: the known cases listed at the end.",

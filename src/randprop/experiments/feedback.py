@@ -343,7 +343,7 @@ def write_report(out: Path, results: dict, quick: bool) -> None:
         "## Claims",
         "",
         *_claims(results["accuracy_summary"], results["depth"]),
-        "- One MEM-DFA step equals one DFA step (same seed, state, batch): tests/test_rules.py; "
+        "- One MEM-DFA step equals one DFA step (same seed, state, batch): tests/rules/test_rules.py; "
         "here the DFA and MEM-DFA runs of each seed follow the same trajectory.",
         "",
         "## Scale",
