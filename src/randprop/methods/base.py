@@ -219,13 +219,14 @@ class RandomizedLayer(ConvertedLayer):
         advances), also pushed on the layer's record of seeds awaiting a recompute. Inside one,
         the call is an activation-checkpoint recompute (see :func:`replayed_seed`)."""
         pending = _PENDING.get(self)
-        if in_backward():
+        recompute = in_backward()
+        if recompute:
             seed = replayed_seed(pending)
             if seed is not None:
                 return seed
         seed = derive_seed(self.rp_seed, self.rp_layer, self.rp_step, current_rank())
         self.rp_step += 1
-        if not in_backward():
+        if not recompute:
             if pending is None:
                 pending = _PENDING[self] = collections.deque(maxlen=MAX_PENDING)
             pending.append(seed)
