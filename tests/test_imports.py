@@ -1,4 +1,4 @@
-"""The layers of randprop import only downwards: random, config -> methods -> convert -> measure
+"""The layers of randprop import only downwards: random, config, quantize -> methods -> convert -> measure
 -> rules -> train -> experiments -> cli (data, models and pde beside rules).
 
 Each layer is imported in a fresh interpreter and the randprop modules it loads are checked;
@@ -23,6 +23,7 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
 RANKS = {
     "random": 0,
     "config": 0,
+    "quantize": 0,
     "methods": 1,
     "functional": 1,
     "convert": 2,
@@ -35,6 +36,7 @@ RANKS = {
     "experiments": 6,
     "cli": 7,
     "cli_train": 7,
+    "__main__": 7,
 }
 #: ``import randprop``: the package's public names (__all__) come from layers up to rules
 ROOT_RANK = RANKS["rules"]
@@ -48,7 +50,7 @@ print(json.dumps({{"modules": sorted(m for m in sys.modules if m.split(".")[0] =
                   "tqdm": "tqdm" in sys.modules}}))
 """
 
-MODULES = ["randprop", *(f"randprop.{name}" for name in RANKS)]
+MODULES = ["randprop", *(f"randprop.{name}" for name in RANKS if name != "__main__")]
 
 
 def rank(module: str) -> int:

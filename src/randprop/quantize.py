@@ -1,0 +1,154 @@
+"""The one k-bit quantizer: per-group affine codes, stochastic rounding, packed storage.
+
+A tensor is cut into groups of ``group_size`` consecutive elements (row-major order). Each group
+stores its minimum m and step s = (max - m) / (2^k - 1), and each element x the code
+
+    q = floor((x - m) / s + u),  u ~ U[0, 1) drawn from a seeded generator,
+
+so that E[q] = (x - m) / s and the dequantized value m + q s is an unbiased estimate of x
+(stochastic rounding). Codes of k in {1, 2, 4, 8} bits are packed 8 / k per byte, element i of a
+byte at bits [k i, k (i + 1)). A group whose values are all equal stores s = 0 and codes 0, and is
+then exact. Scale and minimum are float32 whatever the input's dtype, so a group of g elements
+costs g k / 8 + 8 bytes.
+
+Every method that stores something compactly (a sketch, an activation derivative, a normalised
+input) quantizes through :func:`quantize` and reads back through :meth:`QuantizedTensor.dequantize`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: the allowed code widths
+BITS = (1, 2, 4, 8)
+
+
+def check_bits(bits: object, name: str = "bits") -> int:
+    """``bits`` as an int of :data:`BITS`, or a ValueError naming ``name`` and the allowed values."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, BITS))}; got {bits!r}")
+    return bits
+
+
+@dataclass
+class QuantizedTensor:
+    """k-bit codes of a tensor and the per-group affine map that reads them back.
+
+    packed: uint8 codes, 8 / bits per byte; scale, offset: float32 per group (s and m above);
+    shape, dtype: those of the quantized tensor; bits: k; group_size: elements per group.
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    bits: int
+    group_size: int
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensors to hand to ``ctx.save_for_backward`` (so saved-tensor hooks see them)."""
+        return self.packed, self.scale, self.offset
+
+    @property
+    def meta(self) -> tuple[torch.Size, torch.dtype, int, int]:
+        """Everything but the tensors, for a ctx attribute; :meth:`rebuild` joins both."""
+        return self.shape, self.dtype, self.bits, self.group_size
+
+    @classmethod
+    def rebuild(
+        cls, tensors: tuple[torch.Tensor, ...], meta: tuple[torch.Size, torch.dtype, int, int]
+    ) -> QuantizedTensor:
+        """The inverse of splitting into :attr:`tensors` and :attr:`meta`."""
+        return cls(*tensors, *meta)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the packed codes plus two float32 per group."""
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def dequantize(self) -> torch.Tensor:
+        """m + q s per element, in the original shape and dtype."""
+        numel = math.prod(self.shape)
+        codes = unpack(self.packed, self.bits, numel).to(torch.float32)
+        groups = _grouped(codes, self.group_size)
+        values = torch.addcmul(self.offset[:, None], groups, self.scale[:, None])
+        return values.reshape(-1)[:numel].reshape(self.shape).to(self.dtype)
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    *,
+    generator: torch.Generator | None,
+    stochastic: bool = True,
+) -> QuantizedTensor:
+    """``x`` in ``bits``-bit codes with one scale and minimum per ``group_size`` consecutive
+    elements (default: per row, the last dimension). Stochastic rounding draws from
+    ``generator`` (unbiased: E[dequantize] = x); ``stochastic=False`` rounds to nearest (biased,
+    no draw, ``generator`` may be None)."""
+    check_bits(bits)
+    if not x.is_floating_point():
+        raise TypeError(f"quantize needs a floating-point tensor; got {x.dtype}")
+    if group_size is None:
+        group_size = max(x.shape[-1], 1) if x.dim() else 1
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int or None (per row); got {group_size!r}")
+    if stochastic and generator is None:
+        raise ValueError("stochastic rounding needs a generator (randprop.random.generator)")
+    levels = (1 << bits) - 1
+    groups = _grouped(x.detach().reshape(-1).to(torch.float32), group_size, pad_last=True)
+    low = groups.amin(dim=1)
+    scale = (groups.amax(dim=1) - low) / levels
+    inverse = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
+    codes = (groups - low[:, None]) * inverse[:, None]
+    if stochastic:
+        codes += torch.rand(codes.shape, generator=generator, device=codes.device)
+        codes = codes.floor_()
+    else:
+        codes = codes.round_()
+    codes = codes.clamp_(0, levels).to(torch.uint8)
+    packed = pack(codes.reshape(-1)[: x.numel()], bits)
+    return QuantizedTensor(packed, scale, low, x.shape, x.dtype, bits, group_size)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes below 2^bits, flattened and packed 8 / bits per byte (zero padded)."""
+    check_bits(bits)
+    per_byte = 8 // bits
+    flat = codes.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % per_byte
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    if per_byte == 1:
+        return flat.clone()
+    shifts = _shifts(bits, flat.device)
+    return (flat.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """The first ``numel`` uint8 codes of :func:`pack`'s output, flattened."""
+    check_bits(bits)
+    if bits == 8:
+        return packed[:numel]
+    codes = (packed[:, None] >> _shifts(bits, packed.device)) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:numel]
+
+
+def _shifts(bits: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
+
+
+def _grouped(flat: torch.Tensor, group_size: int, pad_last: bool = False) -> torch.Tensor:
+    """``flat`` as rows of ``group_size`` (the last row padded: with its own last value when
+    ``pad_last``, so padding never widens a group's range; with zeros otherwise)."""
+    pad = (-flat.numel()) % group_size
+    if pad:
+        fill = flat[-1:].expand(pad) if pad_last and flat.numel() else flat.new_zeros(pad)
+        flat = torch.cat([flat, fill])
+    return flat.view(-1, group_size)
