@@ -81,3 +81,11 @@ def test_name_id_is_stable_and_distinct():
     ids = [rnd.name_id(n) for n in names]
     assert len(set(ids)) == len(ids) and all(0 <= i < 2**63 for i in ids)
     assert rnd.name_id("a.0") == 5968579018935537426  # the same in every process
+
+
+def test_subseed_differs_from_its_seed_and_between_tags():
+    from randprop.random import SUBSEED_QUANT, subseed
+
+    seeds = {subseed(s, t) for s in range(50) for t in (SUBSEED_QUANT, 2)}
+    assert len(seeds) == 100 and not seeds & set(range(50))
+    assert subseed(5, SUBSEED_QUANT) == subseed(5, SUBSEED_QUANT) < 2**63

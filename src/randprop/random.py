@@ -44,6 +44,17 @@ def derive_seed(
     return h >> 1
 
 
+#: Tags of :func:`subseed`: a second kind of draw made under one seed.
+SUBSEED_QUANT = 1
+
+
+def subseed(seed: int, tag: int) -> int:
+    """An independent 63-bit seed for the draws of kind ``tag`` (e.g. :data:`SUBSEED_QUANT`,
+    the stochastic rounding of a stored sketch) made under ``seed``, so that they are
+    independent of the draws made from ``seed`` itself."""
+    return _splitmix64(_splitmix64(int(seed) & _MASK64) ^ tag) >> 1
+
+
 def name_id(name: str) -> int:
     """A stable 63-bit id of the string ``name``: SplitMix64 over its UTF-8 bytes, 8 at a time
     (the same in every process and on every platform, unlike ``hash``)."""
