@@ -3,21 +3,23 @@
 For queries Q (..., L, E), keys K (..., S, E) and values V (..., S, Ev), scores
 S = scale * Q K^T + M (M the additive mask; a boolean mask adds -inf where False), row-wise
 probabilities P = softmax(S), dropped P_d = P * Z / (1 - p) with Z ~ Bernoulli(1 - p), and
-O = P_d V. Forward keeps Q, K, V, O and the per-row logsumexp l (O(L) per head); backward
+O = P_d V. Forward keeps Q, K, V and the per-row logsumexp l (O(L) per head); backward
 recomputes P = exp(S - l) a chunk of query rows at a time and regenerates Z from the seed, so
 no L x S tensor is saved and the temporaries are chunk x S:
-    dV = P_d^T dO,   dP = (dO V^T) * Z / (1 - p),   D = rowsum(dO * O),
-    dS = P * (dP - D),   dQ = scale * dS K,   dK = scale * dS^T Q
-(rowsum(P * dP) = rowsum(P_d * dO V^T) = rowsum(dO * O), so D needs O, not P). A row with
-every key masked gives a zero output, as PyTorch's scaled_dot_product_attention does.
+    dV = P_d^T dO,   dP = (dO V^T) * Z / (1 - p),   D = rowsum(P * dP),
+    dS = P * (dP - D),   dQ = scale * dS K,   dK = scale * dS^T Q.
+A chunk holds whole rows, so D comes from the chunk itself and O is not kept (a kernel tiled
+over keys as well, like flash attention, needs O for D = rowsum(dO * O)). A row with every key
+masked gives a zero output, as PyTorch's scaled_dot_product_attention does.
 
-Without dropout, where PyTorch's own fused kernel already saves only Q, K, V, O and l (the
-CPU flash kernel for 4-D inputs with no mask or a float mask; the CUDA flash and efficient
-kernels), :func:`attention` calls it: it is faster, and the Function here is its reference.
+With ``fused`` and without dropout, where PyTorch's own fused kernel saves no L x S tensor
+(Q, K, V, O and l: the CPU flash kernel for 4-D inputs with no mask or a float mask; the CUDA
+flash and efficient kernels), :func:`attention` calls it instead: faster, one O more saved.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,8 +32,11 @@ from randprop import random as rnd
 
 #: query rows per chunk of the pure-PyTorch path; its temporaries are batch x chunk x S
 DEFAULT_CHUNK = 128
-#: the name under which :func:`register_transformers` registers the implementation
+#: transformers attention implementations registered by :func:`register_transformers`:
+#: PyTorch's fused kernel where it is compact (else the chunked Function), and the chunked
+#: Function always
 TRANSFORMERS_NAME = "randprop"
+TRANSFORMERS_CHUNKED_NAME = "randprop_chunked"
 
 _FUSED_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -107,18 +112,17 @@ class _AttentionFn(torch.autograd.Function):
             p = torch.exp(s - _finite(row_lse).unsqueeze(-1))
             keep = _keep(spec, index, p.shape, p.device) if spec.dropout_p > 0 else None
             out[..., r0:r1, :] = _dropped(spec, p, keep) @ vw[..., :n_cols, :]
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.save_for_backward(_own(q), _own(k), _own(v), lse, mask)
         ctx.spec = spec
-        return out
+        return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        q, k, v, lse, mask = ctx.saved_tensors
         spec: _Spec = ctx.spec
         work = lse.dtype
         qw, kw, vw = q.to(work), _expand_kv(k, spec.rep).to(work), _expand_kv(v, spec.rep).to(work)
-        do, ow = grad_out.to(work), out.to(work)
+        do = grad_out.to(work)
         batch = lse.shape[:-1]
         dq = torch.zeros((*batch, *q.shape[-2:]), dtype=work, device=q.device)
         dk = torch.zeros((*batch, *kw.shape[-2:]), dtype=work, device=q.device)
@@ -137,7 +141,7 @@ class _AttentionFn(torch.autograd.Function):
             do_c = do[..., r0:r1, :]
             dv[..., :n_cols, :] += _dropped(spec, p, keep).transpose(-2, -1) @ do_c
             dp = _dropped(spec, do_c @ vw[..., :n_cols, :].transpose(-2, -1), keep)
-            ds = p * (dp - (do_c * ow[..., r0:r1, :]).sum(-1, keepdim=True))
+            ds = p * (dp - (p * dp).sum(-1, keepdim=True))
             del p, dp
             if mask_grad:
                 if padded[-2] == 1:
@@ -151,6 +155,17 @@ class _AttentionFn(torch.autograd.Function):
         dv = _reduce_kv(dv.sum_to_size(vw.shape), spec.rep).to(v.dtype)
         dmask = dm.reshape(mask.shape).to(mask.dtype) if mask_grad else None
         return dq, dk, dv, dmask, None
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a compact copy where it views a larger storage (as the query, key and value
+    split from one projection): saving the view would hold all of that storage. The copy is
+    never larger than what it replaces."""
+    if t.untyped_storage().nbytes() <= t.numel() * t.element_size():
+        return t
+    # dense, with its dims in the same memory order (the fused kernel's output follows it)
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return t.permute(order).contiguous().permute([order.index(d) for d in range(t.dim())])
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
@@ -238,8 +253,9 @@ def attention(
         rep = hq // hk
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if fused and dropout_p == 0.0 and _fused_is_compact(query, key, value, attn_mask, is_causal):
+        q, k, v = _own(query), _own(key), _own(value)
         return F.scaled_dot_product_attention(
-            query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=rep > 1
+            q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=rep > 1
         )
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**62, (), device="cpu"))
@@ -259,12 +275,14 @@ def transformers_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    *,
+    fused: bool = True,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature (as its sdpa_attention_forward): query, key,
-    value (batch, heads, L, head_dim) -> ((batch, L, heads, head_dim), None). The dropout
-    transformers passes is already 0 outside training; its seed comes from the default CPU
-    generator, which transformers' own dropout would consume."""
+    value (batch, heads, L, head_dim) -> ((batch, L, heads, head_dim), None). Dropout applies
+    only while ``module.training``; its seed comes from the default CPU generator, which
+    transformers' own dropout would consume. ``fused`` as in :func:`attention`."""
     if kwargs.get("softcap") is not None:
         raise ValueError(
             f"the {TRANSFORMERS_NAME!r} attention does not support softcap; use 'eager' for "
@@ -295,24 +313,31 @@ def transformers_attention_forward(
         is_causal=is_causal,
         scale=scaling,
         enable_gqa=groups > 1,
+        fused=fused,
     )
     return out.transpose(1, 2).contiguous(), None
 
 
 def register_transformers() -> None:
-    """Register :func:`transformers_attention_forward` as transformers' attention implementation
-    ``"randprop"``, with the masks transformers builds for "sdpa" (boolean, or none and is_causal
-    when only causal). Imports transformers, which randprop otherwise never needs."""
+    """Register :func:`transformers_attention_forward` as transformers' attention implementations
+    ``"randprop"`` and ``"randprop_chunked"`` (fused=False), with the masks transformers builds for
+    "sdpa" (boolean, or none and is_causal when only causal). Imports transformers, which
+    randprop otherwise never needs."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(TRANSFORMERS_NAME, transformers_attention_forward)
-    AttentionMaskInterface.register(TRANSFORMERS_NAME, sdpa_mask)
+    AttentionInterface.register(
+        TRANSFORMERS_CHUNKED_NAME, functools.partial(transformers_attention_forward, fused=False)
+    )
+    for name in (TRANSFORMERS_NAME, TRANSFORMERS_CHUNKED_NAME):
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
-def use_compact_attention(model: nn.Module) -> nn.Module:
-    """Switch a transformers model (a PreTrainedModel) to the ``"randprop"`` attention: exact,
-    no L x S tensor saved for backward, dropout by seed. Returns the model;
+def use_compact_attention(model: nn.Module, *, fused: bool = True) -> nn.Module:
+    """Switch a transformers model (a PreTrainedModel) to randprop's attention: exact, no L x S
+    tensor saved for backward, dropout by seed; ``fused`` as in :func:`attention` (False:
+    implementation "randprop_chunked", the chunked Function always). Returns the model;
     ``model.set_attn_implementation("sdpa")`` switches back."""
     setter: Callable[[str], None] | None = getattr(model, "set_attn_implementation", None)
     if setter is None:
@@ -321,5 +346,5 @@ def use_compact_attention(model: nn.Module) -> nn.Module:
             f"got {type(model).__name__}"
         )
     register_transformers()
-    setter(TRANSFORMERS_NAME)
+    setter(TRANSFORMERS_NAME if fused else TRANSFORMERS_CHUNKED_NAME)
     return model
