@@ -4,10 +4,12 @@ The Linear and Conv forms take F.linear's and F.conv1d/2d/3d's arguments (ints o
 padding 'same' and 'valid'), then the keywords ``method`` (a config of the method or its string
 form) and ``seed``: ``rad_conv2d(x, w, b, stride=2, padding=1, method="rad:keep=0.2", seed=3)``.
 The forms with state across steps take its holder: ``aop_linear(..., memory=rp.AOPMemory())``,
-``crs_linear(..., state=rp.CRSState())``.
+``crs_linear(..., state=rp.CRSState())``. ``attention`` is F.scaled_dot_product_attention saving
+no L x S tensor for backward (dropout by seed).
 """
 
 from randprop.methods.aop import aop_linear
+from randprop.methods.attention import attention
 from randprop.methods.crs import crs_linear
 from randprop.methods.masks import leaky_relu, relu
 from randprop.methods.rad import (
@@ -31,6 +33,7 @@ from randprop.methods.vjp import (
 
 __all__ = [
     "aop_linear",
+    "attention",
     "crs_linear",
     "leaky_relu",
     "rad_conv",
