@@ -11,8 +11,9 @@ tensor stays unbiased: the weight gradient g^T x of Linear / matmul / conv on it
 a product's gradient. A backward nonlinear in it is biased: tanh's (1 - y^2) g has expectation
 (1 - y^2 - Var Q(y)) g; sigmoid, softmax, GELU, SiLU and LayerNorm likewise; ReLU's mask
 1[Q(y) > 0] drops the outputs that round to zero. benchmarks/results/quant/saved-bias.md gives
-the measured bias per op and width; ``deny`` such modules (or use randprop's compact exact
-layers, e.g. the 1-bit ReLU mask) where it matters.
+the measured bias per op and width (|E g - g| / |g| at 2 bits: tanh 4%, GELU 4%, SiLU 2%; at 4
+bits 0.2% or less; ReLU 22%, 11% and 2.5% at 2, 4 and 8 bits); ``deny`` such modules (or use
+randprop's compact exact layers, e.g. the 1-bit ReLU mask) where it matters.
 
 Never quantized: the model's parameters and buffers and any tensor sharing storage with one
 (F.linear saves the weight: it stays exact), other nn.Parameters, non-floating tensors (masks,
