@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         parse_method,
         reset_memory,
     )
+    from randprop.methods.quant_saved import quantize_saved
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ _EXPORTS = {
         "randprop.methods",
     ),
     **dict.fromkeys(("MethodConfig", "parse_method", "reset_memory"), "randprop.methods"),
+    "quantize_saved": "randprop.methods.quant_saved",
 }
 #: subpackages and modules reachable as attributes (``rp.rules.FA``)
 _SUBMODULES = frozenset(
@@ -99,6 +101,7 @@ __all__ = [
     "method_state",
     "parse_method",
     "pde",
+    "quantize_saved",
     "reset_memory",
     "restore",
     "rules",
