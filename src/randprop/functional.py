@@ -10,6 +10,13 @@ The forms with state across steps take its holder: ``aop_linear(..., memory=rp.A
 from randprop.methods.aop import aop_linear
 from randprop.methods.crs import crs_linear
 from randprop.methods.masks import leaky_relu, relu
+from randprop.methods.quant import (
+    quant_conv,
+    quant_conv1d,
+    quant_conv2d,
+    quant_conv3d,
+    quant_linear,
+)
 from randprop.methods.rad import (
     rad_conv,
     rad_conv1d,
@@ -33,6 +40,11 @@ __all__ = [
     "aop_linear",
     "crs_linear",
     "leaky_relu",
+    "quant_conv",
+    "quant_conv1d",
+    "quant_conv2d",
+    "quant_conv3d",
+    "quant_linear",
     "rad_conv",
     "rad_conv1d",
     "rad_conv2d",
