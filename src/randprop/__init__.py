@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         CRSState,
         Exact,
         MethodConfig,
+        Quant,
         SparseVJP,
         Trace,
         parse_method,
@@ -60,7 +61,7 @@ _EXPORTS = {
         ("AOP", "CRS", "RAD", "AOPMemory", "CRSState", "Exact", "SparseVJP", "Trace", "METHODS"),
         "randprop.methods",
     ),
-    **dict.fromkeys(("MethodConfig", "parse_method", "reset_memory"), "randprop.methods"),
+    **dict.fromkeys(("MethodConfig", "Quant", "parse_method", "reset_memory"), "randprop.methods"),
     "quantize_saved": "randprop.methods.quant_saved",
 }
 #: subpackages and modules reachable as attributes (``rp.rules.FA``)
@@ -92,6 +93,7 @@ __all__ = [
     "Exact",
     "GradientDiagnostics",
     "MethodConfig",
+    "Quant",
     "SparseVJP",
     "Trace",
     "convert",

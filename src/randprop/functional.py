@@ -12,6 +12,13 @@ from randprop.methods.aop import aop_linear
 from randprop.methods.attention import attention
 from randprop.methods.crs import crs_linear
 from randprop.methods.masks import leaky_relu, relu
+from randprop.methods.quant import (
+    quant_conv,
+    quant_conv1d,
+    quant_conv2d,
+    quant_conv3d,
+    quant_linear,
+)
 from randprop.methods.rad import (
     rad_conv,
     rad_conv1d,
@@ -36,6 +43,11 @@ __all__ = [
     "attention",
     "crs_linear",
     "leaky_relu",
+    "quant_conv",
+    "quant_conv1d",
+    "quant_conv2d",
+    "quant_conv3d",
+    "quant_linear",
     "rad_conv",
     "rad_conv1d",
     "rad_conv2d",

@@ -8,8 +8,8 @@ stores its minimum m and step s = (max - m) / (2^k - 1), and each element x the 
 so that E[q] = (x - m) / s and the dequantized value m + q s is an unbiased estimate of x
 (stochastic rounding). Codes of k in {1, 2, 4, 8} bits are packed 8 / k per byte, element i of a
 byte at bits [k i, k (i + 1)). A group whose values are all equal stores s = 0 and codes 0, and is
-then exact. Scale and minimum are float32 whatever the input's dtype, so a group of g elements
-costs g k / 8 + 8 bytes.
+then exact. Scale and minimum are float32 (float64 for a float64 input, read back to float64
+precision), so a group of g elements costs g k / 8 + 8 bytes (g k / 8 + 16 for float64).
 
 Every method that stores something compactly (a sketch, an activation derivative, a normalised
 input) quantizes through :func:`quantize` and reads back through :meth:`QuantizedTensor.dequantize`.
@@ -37,7 +37,8 @@ def check_bits(bits: object, name: str = "bits") -> int:
 class QuantizedTensor:
     """k-bit codes of a tensor and the per-group affine map that reads them back.
 
-    packed: uint8 codes, 8 / bits per byte; scale, offset: float32 per group (s and m above);
+    packed: uint8 codes, 8 / bits per byte; scale, offset: float32 per group (s and m above;
+    float64 for a float64 input);
     shape, dtype: those of the quantized tensor; bits: k; group_size: elements per group.
     """
 
@@ -68,13 +69,13 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the packed codes plus two float32 per group."""
+        """Bytes held: the packed codes plus two float32 (float64) per group."""
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def dequantize(self) -> torch.Tensor:
         """m + q s per element, in the original shape and dtype."""
         numel = math.prod(self.shape)
-        codes = unpack(self.packed, self.bits, numel).to(torch.float32)
+        codes = unpack(self.packed, self.bits, numel).to(self.scale.dtype)
         groups = _grouped(codes, self.group_size)
         values = torch.addcmul(self.offset[:, None], groups, self.scale[:, None])
         return values.reshape(-1)[:numel].reshape(self.shape).to(self.dtype)
@@ -102,7 +103,8 @@ def quantize(
     if stochastic and generator is None:
         raise ValueError("stochastic rounding needs a generator (randprop.random.generator)")
     levels = (1 << bits) - 1
-    groups = _grouped(x.detach().reshape(-1).to(torch.float32), group_size, pad_last=True)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    groups = _grouped(x.detach().reshape(-1).to(work), group_size, pad_last=True)
     low = groups.amin(dim=1)
     scale = (groups.amax(dim=1) - low) / levels
     inverse = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))

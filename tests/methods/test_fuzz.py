@@ -17,7 +17,7 @@ steps of the converted layer beside the same plain layer and checks that
   configuration that draws anything.
 
 :func:`check_unbiased` averages K draws of the methods that claim unbiased gradients (RAD,
-Trace, SparseVJP, CRS; AOP is biased by design) with stat_checks.assert_unbiased and
+Trace, SparseVJP, CRS, Quant; AOP is biased by design) with stat_checks.assert_unbiased and
 assert_no_scale_bias. The positive controls run the same checks on deliberately broken estimators, which must fail.
 
 RANDPROP_FUZZ_CASES (default 200) scales the draw; a tenth of it (at least 20) are unbiasedness
@@ -59,7 +59,7 @@ CONVS = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 RNNS = {"RNN": nn.RNN, "LSTM": nn.LSTM, "RNNCell": nn.RNNCell, "LSTMCell": nn.LSTMCell}
 KINDS = {"Linear": nn.Linear, **CONVS, **RNNS}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-UNBIASED = ("rad", "trace", "vjp", "crs")  # AOP is biased by design; exact has no draws
+UNBIASED = ("rad", "trace", "vjp", "crs", "quant")  # AOP is biased by design; exact has no draws
 
 
 @dataclasses.dataclass
@@ -147,6 +147,9 @@ def draw_method(name: str, rng: random.Random, rows: int, out_features: int) -> 
         if rng.random() < 0.3 and limit >= 1:
             return rp.AOP(k=rng.randint(1, limit), **common)
         return rp.AOP(keep=_fraction(rng), **common)
+    if name == "quant":
+        group = 0 if rng.random() < 0.5 else rng.randint(1, 40)
+        return rp.Quant(bits=rng.choice([1, 2, 4, 8]), group=group)
     raise AssertionError(f"no parameter drawer for method {name!r}: add one to the fuzz")
 
 
@@ -381,7 +384,7 @@ def exact_grads(case: Case, cfg: rp.MethodConfig) -> set[str]:
     biases = {n for n in params if n.startswith("bias")}
     if cfg.name == "exact":
         return inputs_ | params
-    if cfg.name in ("rad", "trace", "crs"):
+    if cfg.name in ("rad", "trace", "crs", "quant"):
         return inputs_ | biases
     if cfg.name == "aop":
         exact = {"weight": inputs_, "input": {"weight"}, "both": set()}[cfg.target]
@@ -489,6 +492,10 @@ def is_random(
             for i in range(200)
         )
         return sum((c / 200) ** 9 for c in picks.values()) < 1e-4
+    if cfg.name == "quant":  # a group of three or more elements has a randomly rounded one
+        if case.kind == "Linear":
+            return (cfg.group or shape[-1]) >= 3 and math.prod(shape) >= 3
+        return (cfg.group or _padded_positions(module, batched)) >= 3
     if cfg.name == "aop":
         rows, m = math.prod(shape[:-1]), case.kwargs["out_features"]
         checks = []

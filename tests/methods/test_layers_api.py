@@ -46,6 +46,7 @@ METHOD_TEXT = {
     rp.SparseVJP: "vjp:density=0.5",
     rp.AOP: "aop:keep=0.5",
     rp.CRS: "crs:keep=0.5",
+    rp.Quant: "quant:bits=2",
 }
 LAYERS = sorted(
     {
@@ -188,6 +189,7 @@ CONV_FORMS = {
     "rad": (rpf.rad_conv1d, rpf.rad_conv2d, rpf.rad_conv3d, "rad:keep=1.0"),
     "trace": (rpf.trace_conv1d, rpf.trace_conv2d, rpf.trace_conv3d, "trace:probes=3"),
     "vjp": (rpf.vjp_conv1d, rpf.vjp_conv2d, rpf.vjp_conv3d, "vjp:density=1.0"),
+    "quant": (rpf.quant_conv1d, rpf.quant_conv2d, rpf.quant_conv3d, "quant:bits=2"),
 }
 
 
@@ -218,7 +220,7 @@ def test_functional_convolutions_are_F_conv(method, case):
     exact = torch.autograd.grad(expected, (x, w, b), upstream)
     torch.testing.assert_close(got[0], exact[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got[2], exact[2], rtol=1e-10, atol=1e-10)
-    if method != "trace":
+    if method not in ("trace", "quant"):
         torch.testing.assert_close(got[1], exact[1], rtol=1e-10, atol=1e-10)
     else:
         assert not torch.allclose(got[1], exact[1])  # the estimate is random
@@ -244,7 +246,9 @@ def test_same_padding_with_an_odd_total_is_unbiased():
         assert_unbiased(draws * 1.1, exact)
 
 
-@pytest.mark.parametrize("form", [rpf.rad_conv2d, rpf.trace_conv2d, rpf.vjp_conv2d])
+@pytest.mark.parametrize(
+    "form", [rpf.rad_conv2d, rpf.trace_conv2d, rpf.vjp_conv2d, rpf.quant_conv2d]
+)
 def test_functional_convolutions_raise_what_F_conv2d_raises(form):
     x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3)
     for kwargs in ({"padding": "full"}, {"padding": "same", "stride": 2}):
@@ -263,6 +267,7 @@ LINEAR_FORMS = [
     (rpf.crs_linear, "crs:keep=0.5", {"state": rp.CRSState()}),
     (rpf.aop_linear, "aop:k=2,memory=off", {}),
     (rpf.aop_linear, "aop:k=2", {"memory": rp.AOPMemory()}),
+    (rpf.quant_linear, "quant:bits=4", {}),
 ]
 
 
@@ -291,6 +296,8 @@ def test_functional_linears_take_strings_and_are_F_linear(form, text, holder):
         lambda x, w: rpf.vjp_linear(x, w, method=rp.RAD()),
         lambda x, w: rpf.crs_linear(x, w, method="aop"),
         lambda x, w: rpf.aop_linear(x, w, method="crs"),
+        lambda x, w: rpf.quant_linear(x, w, method="rad"),
+        lambda x, w: rpf.quant_conv2d(x.view(1, 1, 4, 6), w.view(5, 1, 2, 3), method="trace"),
         lambda x, w: rpf.rad_conv2d(x.view(1, 1, 4, 6), w.view(5, 1, 2, 3), method="vjp"),
         lambda x, w: rpf.trace_conv2d(x.view(1, 1, 4, 6), w.view(5, 1, 2, 3), method="rad"),
         lambda x, w: rpf.vjp_conv2d(x.view(1, 1, 4, 6), w.view(5, 1, 2, 3), method="crs"),

@@ -9,6 +9,7 @@ from randprop.methods.aop import AOP, AOPMemory
 from randprop.methods.base import ConvertedLayer, LayerState, RandomizedLayer, reset_memory
 from randprop.methods.crs import CRS, CRSState
 from randprop.methods.exact import Exact
+from randprop.methods.quant import Quant
 from randprop.methods.rad import RAD
 from randprop.methods.trace import Trace
 from randprop.methods.vjp import SparseVJP
@@ -19,6 +20,7 @@ __all__ = [
     "parse_method",
     "AOP",
     "CRS",
+    "Quant",
     "RAD",
     "AOPMemory",
     "CRSState",
