@@ -292,9 +292,7 @@ def _plot(summary: list[dict], ks, batch: int, title: str, metric: str, path: Pa
         for ax in axes[:, col]:
             ax.set_xlabel("epoch")
             ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=100)
 
 
 def _memory_effect(summary: list[dict], batch: int) -> list[str]:
@@ -360,18 +358,23 @@ def run(out: Path, quick: bool = False) -> dict:
     results["crs_bytes"] = crs_bytes_table(features)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread each is faster on a shared machine
-    softmax = _study(
-        "softmax",
-        method_grid(mnist_ks, 64),
-        seeds,
-        lambda s: _mnist(s, limit),
-        factory=lambda: build_model("softmax-reg"),
-        loss_fn=F.cross_entropy,
-        metric=_accuracy,
-        batch=64,
-        epochs=epochs["softmax"],
-        lr=0.01,
-    )
+
+    def mnist_study(name: str, methods: list[str], seeds, model: str, lr: float) -> list[dict]:
+        """A study of an MNIST classifier: cross-entropy, test accuracy, batch 64."""
+        return _study(
+            name,
+            methods,
+            seeds,
+            lambda s: _mnist(s, limit),
+            factory=lambda: build_model(model),
+            loss_fn=F.cross_entropy,
+            metric=_accuracy,
+            batch=64,
+            epochs=epochs[name],
+            lr=lr,
+        )
+
+    softmax = mnist_study("softmax", method_grid(mnist_ks, 64), seeds, "softmax-reg", lr=0.01)
     diabetes = _study(
         "diabetes",
         method_grid(reg_ks, 144),
@@ -388,18 +391,7 @@ def run(out: Path, quick: bool = False) -> dict:
         f"aop:k=16,policy={p},memory={m}" for p in ("topk", "random") for m in ("off", "rows")
     ]
     mlp_methods += ["aop:k=16,policy=topk,memory=queue", "crs:keep=0.25"]
-    mlp = _study(
-        "mlp",
-        mlp_methods,
-        seeds[:2],
-        lambda s: _mnist(s, limit),
-        factory=lambda: build_model("mlp"),
-        loss_fn=F.cross_entropy,
-        metric=_accuracy,
-        batch=64,
-        epochs=epochs["mlp"],
-        lr=0.05,
-    )
+    mlp = mnist_study("mlp", mlp_methods, seeds[:2], "mlp", lr=0.05)
     torch.set_num_threads(threads)
     results["load_after"] = report.load()
     results["runs"] = softmax + diabetes + mlp

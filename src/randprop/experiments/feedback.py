@@ -322,9 +322,7 @@ def plot(depth: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"MLP 784-256x d-10, batch {depth[0]['batch']}: one training step against depth")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=110)
 
 
 def _mib(n: float | None) -> str:

@@ -7,14 +7,12 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from randprop.experiments import report
 from randprop.experiments.registry import suite
 from randprop.measure.profile import converted_copy, saved_for_backward, step_time
 from randprop.models import build_model, input_shape
@@ -76,10 +74,9 @@ def time_table(width: int = 2048, batch: int = 256, repeats: int = 10) -> list[d
 def run(out: Path, quick: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"load average {os.getloadavg()[0]:.2f} at start",
-        "date": time.strftime("%Y-%m-%d"),
+        "machine": report.machine(),
+        "load": report.load(),
+        "date": report.date(),
         "memory": memory_table(batch=150),
         "time": time_table(width=256 if quick else 2048, repeats=3 if quick else 15),
     }
@@ -88,7 +85,8 @@ def run(out: Path, quick: bool = False) -> dict:
         "# Bytes saved for backward and step time: exact vs RAD",
         "",
         f"Command: `randprop bench rad-memory --out {out}`  ",
-        f"Machine: {results['machine']}; date {results['date']}.",
+        f"Machine: {results['machine']}; load average {results['load']} at start; "
+        f"date {results['date']}.",
         "",
         "## Bytes saved for backward (one forward + loss, measured by rp.track_saved)",
         "",

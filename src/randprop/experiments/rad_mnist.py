@@ -10,17 +10,15 @@ the paper's 4-conv net (16/32/32/32, 5x5) on CIFAR-10 when its files are given, 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from randprop.data import Splits, load_dataset
 from randprop.data.sources import cifar_folder
+from randprop.experiments import report as reporting
 from randprop.experiments.registry import quick_splits, suite
 from randprop.train.compare import plot_curves, read_curve, table, with_ratios
 from randprop.train.config import TrainConfig
@@ -278,8 +276,8 @@ def report(out: Path, p: dict, chosen: dict, rows: dict, conv: list[dict], meta:
         "# RAD on MNIST: exact vs RAD vs memory-matched small batch vs checkpointing",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; date {meta['date']}; load average before/after "
-        f"{meta['load_before']:.2f}/{meta['load_after']:.2f}; {meta['minutes']:.1f} min wall, "
+        f"Machine: {meta['machine']}; date {meta['date']}; load average (1/5/15 min) before "
+        f"{meta['load_before']}, after {meta['load_after']}; {meta['minutes']:.1f} min wall, "
         f"{meta['cpu_minutes']:.1f} min CPU.",
         "",
         *([f"Note: {meta['note']}", ""] if meta.get("note") else []),
@@ -351,7 +349,7 @@ def report(out: Path, p: dict, chosen: dict, rows: dict, conv: list[dict], meta:
 def run(out: Path, quick: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     p = QUICK if quick else FULL
-    start, load_before = time.time(), os.getloadavg()[0]
+    start, load_before = time.time(), reporting.load()
     splits = _mnist(p)
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
@@ -367,11 +365,10 @@ def run(out: Path, quick: bool = False) -> dict:
     )
     meta = {
         "command": f"randprop bench rad-mnist --out {out}" + (" --quick" if quick else ""),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, 1 torch thread per run, "
-        f"torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": reporting.machine("1 per run"),
+        "date": reporting.date(),
         "load_before": load_before,
-        "load_after": os.getloadavg()[0],
+        "load_after": reporting.load(),
         "minutes": (time.time() - start) / 60,
         "cpu_minutes": time.process_time() / 60,
         "checkpoint_matches_exact": per_seed["checkpointing"][0]["curve"]
@@ -396,9 +393,9 @@ def run_conv_only(out: Path, quick: bool = False) -> dict:
     results["settings"]["conv_steps"] = p["conv_steps"]
     results["meta"]["conv_rerun"] = {
         "command": f"randprop bench rad-mnist-conv --out {out}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": reporting.date(),
         "minutes": (time.time() - start) / 60,
-        "load_after": os.getloadavg()[0],
+        "load_after": reporting.load(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     rewrite_report(out)

@@ -158,9 +158,7 @@ def _plots(out: Path, results: dict) -> None:
     gap.set_title("Gap to the exact curve")
     ax.legend()
     gap.legend()
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, out / "curves.png", dpi=120)
 
     rows = results["memory"]
     rad = [r for r in rows if r["keep"] is not None]
@@ -171,9 +169,7 @@ def _plots(out: Path, results: dict) -> None:
         ax.text(1e-3, r["saved_bytes"] * 1.15, r["storage"])
     ax.set(xlabel="fraction p of each state stored", ylabel="bytes saved for backward")
     ax.set_title(f"Stored bytes, {results['steps']:,} steps")
-    fig.tight_layout()
-    fig.savefig(out / "memory.png", dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, out / "memory.png", dpi=120)
 
     bv = results["bias_variance"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -184,9 +180,7 @@ def _plots(out: Path, results: dict) -> None:
     ax.set(xlabel="fraction p of each state stored")
     ax.set_title("RAD gradient quality at theta = 0")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "bias_variance.png", dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, out / "bias_variance.png", dpi=120)
 
 
 def _report(out: Path, r: dict) -> str:

@@ -165,9 +165,7 @@ def _plots(out: Path, results: dict) -> None:
     for ax in axes:
         ax.legend()
     fig.suptitle(f"IRNN on sequential MNIST ({results['steps']} steps), one line per seed")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, out / "curves.png", dpi=120)
 
 
 def _report(out: Path, name: str, r: dict) -> str:

@@ -6,6 +6,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -46,3 +47,11 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path, dpi: int) -> str:
+    """Lay ``fig`` out, write it to ``path`` at ``dpi`` and close it; returns the file's name."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path.name

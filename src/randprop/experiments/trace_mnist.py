@@ -221,38 +221,49 @@ def slope(rows: list[dict], method: str, key: str = "rel_var_conv2") -> float:
 # --- report ---------------------------------------------------------------------------------
 
 
+def _method_plot(
+    path: Path,
+    rows: list[dict],
+    x: str,
+    y: str,
+    axes: str,
+    legend_size: int | None = None,
+    **labels,
+) -> str:
+    """One line per method of ``rows``, y against x on ``axes`` ("loglog", "semilogx"), labelled
+    by ``labels`` (xlabel, ylabel, title); written to ``path``, whose name it returns."""
+    fig, ax = report.pyplot().subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = [(r[x], r[y]) for r in rows if r["method"] == method]
+        getattr(ax, axes)(*zip(*pts, strict=True), marker="o", label=method)
+    ax.set(**labels)
+    ax.legend(fontsize=legend_size)
+    return report.save_figure(fig, path, dpi=120)
+
+
 def _plots(out: Path, results: dict) -> list[str]:
-    plt = report.pyplot()
-
-    files = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    var = results["variance"]
-    for method in dict.fromkeys(r["method"] for r in var):
-        pts = [(r["probes"], r["rel_var_conv2"]) for r in var if r["method"] == method]
-        ax.loglog(*zip(*pts, strict=True), marker="o", label=method)
-    ax.set_xlabel("probes r (RAD: same stored values per example as trace multi-channel)")
-    ax.set_ylabel("relative variance of conv2 dW")
-    ax.set_title("trace-cnn, MNIST batch 128")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "variance.png", dpi=120)
-    files.append("variance.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    train = results["training"]
-    for method in dict.fromkeys(r["method"] for r in train):
-        pts = [(r["batch"], r["test_accuracy"]) for r in train if r["method"] == method]
-        ax.semilogx(*zip(*pts, strict=True), marker="o", label=method)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"trace-cnn on MNIST, {results['params']['examples']} training examples")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
-    files.append("accuracy.png")
-    plt.close(fig)
-    return files
+    variance = _method_plot(
+        out / "variance.png",
+        results["variance"],
+        "probes",
+        "rel_var_conv2",
+        "loglog",
+        legend_size=7,
+        xlabel="probes r (RAD: same stored values per example as trace multi-channel)",
+        ylabel="relative variance of conv2 dW",
+        title="trace-cnn, MNIST batch 128",
+    )
+    accuracy = _method_plot(
+        out / "accuracy.png",
+        results["training"],
+        "batch",
+        "test_accuracy",
+        "semilogx",
+        xlabel="batch size",
+        ylabel="test accuracy",
+        title=f"trace-cnn on MNIST, {results['params']['examples']} training examples",
+    )
+    return [variance, accuracy]
 
 
 def _report(out: Path, results: dict, quick: bool) -> str:

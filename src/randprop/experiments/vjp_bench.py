@@ -68,33 +68,18 @@ OPTIMAL = "vjp:density={q},sketch=optimal,structure=element"
 
 
 def setups(quick: bool) -> dict[str, Setup]:
-    scale = 16 if quick else 1  # quick: a smoke run of every row, table and plot
+    """The three models, each at batch 128 with row and column sketches and one element-wise
+    variant; quick: a smoke run of every row, table and plot on 1/16 of the examples."""
+    scale = 16 if quick else 1
     epochs = 2 if quick else 6
+
+    def setup(build: Callable[[], nn.Module], head: str, train_size: int, element: str) -> Setup:
+        return Setup(build, head, 128, train_size // scale, epochs, (ROW, COLUMN, element))
+
     return {
-        "mlp": Setup(
-            lambda: mlp(hidden=1024, depth=2),
-            "5",
-            128,
-            5120 // scale,
-            epochs,
-            (ROW, COLUMN, OPTIMAL),
-        ),
-        "bagnet": Setup(
-            lambda: bagnet(width=16),
-            "classifier",
-            128,
-            3200 // scale,
-            epochs,
-            (ROW, COLUMN, ELEMENT),
-        ),
-        "vit": Setup(
-            lambda: vit(dim=64, depth=2),
-            "head",
-            128,
-            6400 // scale,
-            epochs,
-            (ROW, COLUMN, OPTIMAL),
-        ),
+        "mlp": setup(lambda: mlp(hidden=1024, depth=2), "5", 5120, OPTIMAL),
+        "bagnet": setup(lambda: bagnet(width=16), "classifier", 3200, ELEMENT),
+        "vit": setup(lambda: vit(dim=64, depth=2), "head", 6400, OPTIMAL),
     }
 
 
@@ -307,10 +292,7 @@ def _plots(out: Path, results: dict) -> list[str]:
         ax.set_ylabel("relative to exact")
         ax.set_title(f"{study['model']} (target {study['target_accuracy']:.3f})")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "tradeoff.png", dpi=110)
-    names.append("tradeoff.png")
-    plt.close(fig)
+    names.append(report.save_figure(fig, out / "tradeoff.png", dpi=110))
 
     fig, axes = plt.subplots(1, len(results["tradeoff"]), figsize=(5 * len(results["tradeoff"]), 4))
     for ax, study in zip(axes, results["tradeoff"], strict=True):
@@ -322,20 +304,14 @@ def _plots(out: Path, results: dict) -> list[str]:
         ax.set_ylabel("test accuracy")
         ax.set_title(study["model"])
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    names.append("accuracy.png")
-    plt.close(fig)
+    names.append(report.save_figure(fig, out / "accuracy.png", dpi=110))
 
     fig, ax = plt.subplots(figsize=(8, 4))
     rows = results["timing"]
     ax.barh([r["method"].replace("vjp:", "") for r in rows], [r["backward_ratio"] for r in rows])
     ax.axvline(0.6, color="red", lw=0.8, ls="--")
     ax.set_xlabel("backward time / exact (MLP 784-1024x3-10, batch 256)")
-    fig.tight_layout()
-    fig.savefig(out / "backward_time.png", dpi=110)
-    names.append("backward_time.png")
-    plt.close(fig)
+    names.append(report.save_figure(fig, out / "backward_time.png", dpi=110))
     return names
 
 

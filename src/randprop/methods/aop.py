@@ -66,12 +66,11 @@ from torch import nn
 from randprop import random as rnd
 from randprop.config import MethodConfig, check_choice, check_fraction, register, register_layers
 from randprop.methods.base import (
-    Handoff,
     LayerState,
     RandomizedLayer,
-    WeightNode,
     autocast_inputs,
     method_config,
+    weight_node,
 )
 
 POLICIES = ("topk", "weighted", "random")
@@ -341,9 +340,8 @@ def aop_linear(
                 )
             shape = (weight.shape[1], weight.shape[0])
             _ensure_memory(memory, cfg, rows, shape, state_dtype, weight.device)
-        handoff = Handoff()
         grad_fn = functools.partial(_weight_grad, cfg, seed, k_rows, memory)
-        token = WeightNode.apply(weight, handoff, grad_fn, x.detach())
+        token, handoff = weight_node(weight, grad_fn, x.detach())
     return _AOPLinearFn.apply(x, weight, bias, token, handoff, cfg, seed, k_features)
 
 

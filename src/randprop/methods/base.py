@@ -515,3 +515,12 @@ class WeightNode(torch.autograd.Function):
         grad_out, ctx.handoff.grad_out = ctx.handoff.grad_out, None
         saved = ctx.saved_tensors  # unpacked once (a checkpoint recompute allows no second)
         return ctx.grad_fn(grad_out, *saved), None, None, *(None for _ in saved)
+
+
+def weight_node(
+    weight: torch.Tensor, grad_fn: Callable[..., torch.Tensor], *saved: torch.Tensor
+) -> tuple[torch.Tensor, Handoff]:
+    """A layer call's :class:`WeightNode`, computing ``grad_fn(dL/dY, *saved)`` as the weight
+    gradient: (its token, the :class:`Handoff` for dL/dY), both for the call's main Function."""
+    handoff = Handoff()
+    return WeightNode.apply(weight, handoff, grad_fn, *saved), handoff

@@ -43,9 +43,9 @@ from randprop.methods.base import (
     Handoff,
     LayerState,
     RandomizedLayer,
-    WeightNode,
     autocast_inputs,
     method_config,
+    weight_node,
 )
 
 
@@ -199,9 +199,8 @@ def crs_linear(
         return F.linear(x, weight, bias)
     positions = _positions(x.shape)
     estimate = _estimate(state, positions, weight.device)
-    handoff = Handoff()
     grad_fn = functools.partial(_weight_grad, cfg, estimate, positions)
-    token = WeightNode.apply(weight, handoff, grad_fn, *_sample(x.detach(), cfg, seed, estimate))
+    token, handoff = weight_node(weight, grad_fn, *_sample(x.detach(), cfg, seed, estimate))
     return _CRSLinearFn.apply(x, weight, bias, token, handoff)
 
 

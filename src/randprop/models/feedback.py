@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from randprop.models.registry import register_model
+
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
+@register_model("dfa-mlp", (1, 28, 28), "784-100-30-10 ReLU MLP (MEM-DFA paper, MNIST)")
 def dfa_mlp(
     in_features: int = 784,
     hidden: tuple[int, ...] = (100, 30),
@@ -29,6 +32,9 @@ def dfa_mlp(
     return nn.Sequential(*layers)
 
 
+@register_model(
+    "dfa-cnn", (1, 28, 28), "2 conv-BN-ReLU-maxpool blocks, FC 128 + dropout (MEM-DFA, MNIST)"
+)
 def dfa_cnn(
     in_channels: int = 1, channels: tuple[int, int] = (16, 32), hidden: int = 128, classes: int = 10
 ) -> nn.Sequential:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from randprop.models.registry import register_model
 
+
+@register_model("softmax-reg", (1, 28, 28), "784-10 softmax regression (Mem-AOP-GD, MNIST)")
 def softmax_regression(in_features: int = 784, classes: int = 10) -> nn.Module:
     """784 -> 10 softmax regression (Mem-AOP-GD's MNIST model). It returns logits: the
     softmax belongs inside the cross-entropy loss, not before it (the authors' code applied a

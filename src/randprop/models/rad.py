@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from randprop.models.registry import register_model
 
+
+@register_model("rad-cnn", (1, 28, 28), "4-conv 16/32/32/32 5x5 net, avg pools (RAD paper; MNIST)")
 def rad_cnn(in_channels: int = 1, size: int = 28, classes: int = 10) -> nn.Module:
     """The RAD 4-conv net for ``in_channels`` x ``size`` x ``size`` input (size divisible by 4)."""
     if size % 4:
@@ -30,6 +33,7 @@ def rad_cnn(in_channels: int = 1, size: int = 28, classes: int = 10) -> nn.Modul
     )
 
 
+@register_model("rad-cnn-cifar", (3, 32, 32), "4-conv 16/32/32/32 5x5 net (RAD paper, CIFAR-10)")
 def rad_cnn_cifar(classes: int = 10) -> nn.Module:
     """The RAD 4-conv net on 3x32x32 input, as in the paper's CIFAR-10 experiment."""
     return rad_cnn(in_channels=3, size=32, classes=classes)

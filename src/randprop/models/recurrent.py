@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from randprop.models.registry import register_model
+
 
 class SequenceClassifier(nn.Module):
     """A recurrent layer (batch_first) read to the end, then a Linear head on h_T."""
@@ -26,6 +28,7 @@ class SequenceClassifier(nn.Module):
         return self.head(out[:, -1].clone())
 
 
+@register_model("irnn", (28, 28), "IRNN hidden 100 on 28 rows of 28 pixels (RAD paper, seq-MNIST)")
 def irnn(hidden: int = 100, classes: int = 10, pixels: bool = False, seed: int = 0) -> nn.Module:
     """IRNN (Le et al., 2015): ReLU RNN with W_hh = I, zero biases, W_ih ~ N(0, 0.001^2)
     (drawn from ``seed``); the head has PyTorch's default initialisation."""
@@ -38,6 +41,7 @@ def irnn(hidden: int = 100, classes: int = 10, pixels: bool = False, seed: int =
     return SequenceClassifier(rnn, classes)
 
 
+@register_model("lstm", (28, 28), "LSTM hidden 100 on 28 rows of 28 pixels")
 def lstm(hidden: int = 100, classes: int = 10, pixels: bool = False) -> nn.Module:
     """A one-layer LSTM sequence classifier (PyTorch's default initialisation)."""
     return SequenceClassifier(nn.LSTM(1 if pixels else 28, hidden, batch_first=True), classes)

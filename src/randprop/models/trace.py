@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from randprop.models.registry import register_model
 
+
+@register_model(
+    "trace-cnn",
+    (1, 28, 28),
+    "3 conv 3x3 16/32/32, ReLU + 2x2 max pool each, linear 288-10 (trace paper, MNIST)",
+)
 def trace_cnn(in_channels: int = 1, classes: int = 10, size: int = 28) -> nn.Module:
     """Three 3x3 convs (16/32/32 channels, padding 1), each followed by ReLU and 2x2 max pooling,
     then a linear classifier on the 32 x 3 x 3 features (for 28 x 28 input)."""

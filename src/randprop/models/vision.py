@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from randprop.models.registry import register_model
+
 
 class BagNet(nn.Module):
     """Patch-level CNN (Brendel & Bethge, 2019): 3x3 and 1x1 convs with a 9x9 receptive field,
@@ -108,11 +110,13 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(x))[:, 0])
 
 
+@register_model("bagnet", (1, 28, 28), "small BagNet: 3x3/1x1 convs, 9x9-patch logits averaged")
 def bagnet(in_channels: int = 1, width: int = 32, classes: int = 10) -> nn.Module:
     """Small BagNet for 1x28x28: patch logits (9x9 patches, 14x14 positions) averaged."""
     return BagNet(in_channels, width, classes)
 
 
+@register_model("vit", (1, 28, 28), "small ViT: 16 patches 7x7, 2 blocks of width 64")
 def vit(dim: int = 64, depth: int = 2, heads: int = 4, classes: int = 10) -> nn.Module:
     """Small ViT for 1x28x28: 16 patches of 7x7, ``depth`` blocks of width ``dim``."""
     return ViT(dim=dim, depth=depth, heads=heads, classes=classes)

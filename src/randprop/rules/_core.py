@@ -1,4 +1,5 @@
-"""What FA, DFA and MEM-DFA share: seeded feedback matrices, block boundaries, forward hooks.
+"""What FA, DFA and MEM-DFA share: seeded feedback matrices, block boundaries, forward hooks,
+and the training-loop interface of the rules installed on a model (:class:`InstalledRule`).
 
 A *boundary* is a module whose output ends a block. DFA and MEM-DFA cut the gradient there and
 inject B_l e instead, where e = dL/d(output) is the error at the network output and B_l a fixed
@@ -17,6 +18,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from randprop import random as rnd
+from randprop.rules.registry import LossFn
 
 
 def he_normal(
@@ -26,6 +28,33 @@ def he_normal(
     gen = rnd.generator(seed, "cpu")
     b = rnd.gaussian(shape, gen, torch.device("cpu"), torch.float32) * math.sqrt(2.0 / fan_in)
     return b.to(device=device, dtype=dtype)
+
+
+class InstalledRule:
+    """What FA and DFA share: installed on ``model``, they leave training to an ordinary loop
+    (``loss.backward()``); with ``loss_fn`` they also serve the training loop's
+    ``.backward(x, y)`` (:class:`randprop.rules.registry.LearningRule`)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None) -> None:
+        name = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{name}: model must be an nn.Module; got {type(model).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(
+                f"{name}: loss_fn must be callable or None; got {type(loss_fn).__name__}"
+            )
+        self.model, self.loss_fn = model, loss_fn
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """loss_fn(model(x), y).backward(); returns the (detached) loss."""
+        if self.loss_fn is None:
+            raise ValueError(
+                f"{type(self).__name__}.backward needs loss_fn=...; or call loss.backward() "
+                "yourself"
+            )
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        return loss.detach()
 
 
 class FeedbackMatrices:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from randprop.rules._core import BoundaryHooks, FeedbackMatrices, boundaries
+from randprop.rules._core import BoundaryHooks, FeedbackMatrices, InstalledRule, boundaries
 from randprop.rules.registry import LossFn, register_rule
 
 
@@ -38,7 +38,7 @@ class _Inject(torch.autograd.Function):
         return None, None, e, *grads
 
 
-class DFA:
+class DFA(InstalledRule):
     """Direct feedback alignment on ``model``; train with loss.backward() (or .backward(x, y)).
 
     blocks: see :func:`randprop.rules._core.boundaries` (None: BlockOutput markers, or the blocks
@@ -53,11 +53,7 @@ class DFA:
         loss_fn: LossFn | None = None,
         seed: int = 0,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"DFA: model must be an nn.Module; got {type(model).__name__}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"DFA: loss_fn must be callable or None; got {type(loss_fn).__name__}")
-        self.model, self.loss_fn = model, loss_fn
+        super().__init__(model, loss_fn)
         self.feedback = FeedbackMatrices(seed)
         self.boundaries = boundaries(model, blocks)
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -84,14 +80,6 @@ class DFA:
             return out
         indices = [index for index, _, _ in pending]
         return _Inject.apply(self.feedback, indices, out, *[h for _, h, _ in pending])
-
-    def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """loss_fn(model(x), y).backward(); returns the (detached) loss."""
-        if self.loss_fn is None:
-            raise ValueError("DFA.backward needs loss_fn=...; or call loss.backward() yourself")
-        loss = self.loss_fn(self.model(x), y)
-        loss.backward()
-        return loss.detach()
 
     def remove(self) -> None:
         """Remove the hooks: the model backpropagates exactly again."""

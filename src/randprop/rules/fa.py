@@ -18,7 +18,7 @@ from torch import nn
 from randprop import random as rnd
 from randprop.convert import restore_layer, swap_layer
 from randprop.methods.base import ConvertedLayer, RandomizedLayer, autocast_inputs, explicit_padding
-from randprop.rules._core import he_normal
+from randprop.rules._core import InstalledRule, he_normal
 from randprop.rules.registry import LossFn, register_rule
 
 
@@ -125,7 +125,7 @@ _LAYERS: dict[type, type] = {
 }
 
 
-class FA:
+class FA(InstalledRule):
     """Feedback alignment on every plain Linear / Conv1d-3d of ``model`` (in place).
 
     .layers: names of the converted layers; .feedback: {name: B}
@@ -135,13 +135,9 @@ class FA:
     def __init__(
         self, model: nn.Module, *, loss_fn: LossFn | None = None, seed: int = 0, store: bool = True
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"FA: model must be an nn.Module; got {type(model).__name__}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"FA: loss_fn must be callable or None; got {type(loss_fn).__name__}")
+        super().__init__(model, loss_fn)
         if store not in (True, False):
             raise ValueError(f"store must be True or False, got {store!r}")
-        self.model, self.loss_fn = model, loss_fn
         self.layers: list[str] = []
         self.feedback: dict[str, torch.Tensor] = {}
         self._swapped: list[nn.Module] = []
@@ -167,14 +163,6 @@ class FA:
             self.layers.append(name)
         if not self.layers:
             raise ValueError("FA found no nn.Linear / nn.Conv1d-3d layer in the model")
-
-    def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """loss_fn(model(x), y).backward(); returns the (detached) loss."""
-        if self.loss_fn is None:
-            raise ValueError("FA.backward needs loss_fn=...; or call loss.backward() yourself")
-        loss = self.loss_fn(self.model(x), y)
-        loss.backward()
-        return loss.detach()
 
     def remove(self) -> None:
         """Give the layers their original classes back (parameters untouched); the layers that

@@ -53,31 +53,70 @@ def _weight_grad(grad_z: torch.Tensor, stored, n: int, cfg: RAD, seed: int, kind
     return grad
 
 
+def _input_part(x: torch.Tensor, w_ih: torch.Tensor, b_ih, b_hh) -> torch.Tensor:
+    """W_ih x_t + b_ih + b_hh for every step at once: the pre-activations' input part."""
+    pre = F.linear(x, w_ih, b_ih)
+    if b_hh is not None:
+        pre = pre + b_hh
+    return pre
+
+
+def _sketch_inputs(ctx, x, h0, out, b_ih, b_hh, cfg: RAD, seed: int, w_ih_index: int):
+    """Sketches of x_t and h_{t-1} for dW_ih and dW_hh (the Function's inputs ``w_ih_index``
+    and the next, then b_ih, b_hh), each only when its weight needs a gradient; what
+    :func:`_parameter_grads` needs besides goes to ctx.layer. h_{t-1} starts at step 1 when h0
+    is None: a zero initial state adds nothing to dW_hh."""
+    need_ih, need_hh = ctx.needs_input_grad[w_ih_index : w_ih_index + 2]
+    xs = _sketch_sequence(list(x), cfg, seed, _INPUT, 0) if need_ih else []
+    first = 0 if h0 is not None else 1
+    prev = ([h0] if h0 is not None else []) + list(out[:-1])
+    hs = _sketch_sequence(prev, cfg, seed, _HIDDEN, first) if need_hh else []
+    ctx.layer = (cfg, seed, len(xs), first, w_ih_index, b_ih is not None, b_hh is not None)
+    return xs, hs
+
+
+def _parameter_grads(ctx, grad_z: torch.Tensor, sketches, w_ih: torch.Tensor, w_hh: torch.Tensor):
+    """From dz_t of every step: (dx, dW_ih, dW_hh, db_ih, db_hh), the weights' from the sketches
+    of :func:`_sketch_inputs`, the rest exact (db_ih = db_hh = sum_t dz_t); None where not
+    needed."""
+    cfg, seed, n_xs, first, w, has_b_ih, has_b_hh = ctx.layer
+    need = ctx.needs_input_grad
+    grad_x = grad_z @ w_ih if need[0] else None
+    grad_w_ih = grad_w_hh = None
+    if need[w]:
+        grad_w_ih = _weight_grad(grad_z, sketches[:n_xs], w_ih.shape[1], cfg, seed, _INPUT, 0)
+    if need[w + 1]:
+        grad_w_hh = _weight_grad(grad_z, sketches[n_xs:], w_hh.shape[1], cfg, seed, _HIDDEN, first)
+    grad_b = grad_z.sum((0, 1)) if has_b_ih or has_b_hh else None
+    return (
+        grad_x,
+        grad_w_ih,
+        grad_w_hh,
+        grad_b if has_b_ih and need[w + 2] else None,
+        grad_b if has_b_hh and need[w + 3] else None,
+    )
+
+
 class _ReLURNNFn(torch.autograd.Function):
     """One ReLU RNN layer over a (T, B, n) sequence; returns the (T, B, H) hidden states."""
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, cfg: RAD, seed: int):
         steps, batch, _ = x.shape
-        pre = F.linear(x, w_ih, b_ih)
-        if b_hh is not None:
-            pre = pre + b_hh
+        pre = _input_part(x, w_ih, b_ih, b_hh)
         h = x.new_zeros(batch, w_hh.shape[0]) if h0 is None else h0
         out = torch.empty_like(pre)
         for t in range(steps):
             h = torch.addmm(pre[t], h, w_hh.T).clamp_min_(0)
             out[t] = h
-        xs = _sketch_sequence(list(x), cfg, seed, _INPUT, 0) if ctx.needs_input_grad[2] else []
-        first = 0 if h0 is not None else 1  # a zero initial state adds nothing to dW_hh
-        prev = ([h0] if h0 is not None else []) + list(out[:-1])
-        hs = _sketch_sequence(prev, cfg, seed, _HIDDEN, first) if ctx.needs_input_grad[3] else []
+        xs, hs = _sketch_inputs(ctx, x, h0, out, b_ih, b_hh, cfg, seed, 2)
         ctx.save_for_backward(w_ih, w_hh, pack_bits(out > 0), *xs, *hs)
-        ctx.meta = (cfg, seed, out.shape, len(xs), first, b_ih is not None, b_hh is not None)
+        ctx.shape = out.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        cfg, seed, shape, n_xs, first, has_b_ih, has_b_hh = ctx.meta
+        shape = ctx.shape
         w_ih, w_hh, packed, *sketches = ctx.saved_tensors
         positive = unpack_bits(packed, shape)
         grad_z = torch.empty_like(grad_out)
@@ -86,26 +125,8 @@ class _ReLURNNFn(torch.autograd.Function):
             dz = torch.where(positive[t], dh + grad_out[t], 0.0)
             grad_z[t] = dz
             dh = dz @ w_hh
-        need = ctx.needs_input_grad
-        grad_x = grad_z @ w_ih if need[0] else None
-        grad_w_ih = grad_w_hh = None
-        if need[2]:
-            grad_w_ih = _weight_grad(grad_z, sketches[:n_xs], w_ih.shape[1], cfg, seed, _INPUT, 0)
-        if need[3]:
-            grad_w_hh = _weight_grad(
-                grad_z, sketches[n_xs:], w_hh.shape[1], cfg, seed, _HIDDEN, first
-            )
-        grad_b = grad_z.sum((0, 1)) if has_b_ih or has_b_hh else None
-        return (
-            grad_x,
-            dh if need[1] else None,
-            grad_w_ih,
-            grad_w_hh,
-            grad_b if has_b_ih and need[4] else None,
-            grad_b if has_b_hh and need[5] else None,
-            None,
-            None,
-        )
+        grad_x, *grad_params = _parameter_grads(ctx, grad_z, sketches, w_ih, w_hh)
+        return grad_x, dh if ctx.needs_input_grad[1] else None, *grad_params, None, None
 
 
 class _LSTMFn(torch.autograd.Function):
@@ -115,9 +136,7 @@ class _LSTMFn(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, cfg: RAD, seed: int):
         steps, batch, _ = x.shape
         hidden = w_hh.shape[1]
-        pre = F.linear(x, w_ih, b_ih)
-        if b_hh is not None:
-            pre = pre + b_hh
+        pre = _input_part(x, w_ih, b_ih, b_hh)
         h = x.new_zeros(batch, hidden) if h0 is None else h0
         c = x.new_zeros(batch, hidden) if c0 is None else c0
         out = x.new_empty(steps, batch, hidden)
@@ -131,18 +150,13 @@ class _LSTMFn(torch.autograd.Function):
             h = o * c.tanh()
             gates[t] = torch.cat([i, f, gg, o], 1)
             cells[t], out[t] = c, h
-        xs = _sketch_sequence(list(x), cfg, seed, _INPUT, 0) if ctx.needs_input_grad[3] else []
-        first = 0 if h0 is not None else 1
-        prev = ([h0] if h0 is not None else []) + list(out[:-1])
-        hs = _sketch_sequence(prev, cfg, seed, _HIDDEN, first) if ctx.needs_input_grad[4] else []
+        xs, hs = _sketch_inputs(ctx, x, h0, out, b_ih, b_hh, cfg, seed, 3)
         c_init = x.new_zeros(0) if c0 is None else c0  # c_{-1}, needed exactly by the f gate
         ctx.save_for_backward(w_ih, w_hh, gates, cells, c_init, *xs, *hs)
-        ctx.meta = (cfg, seed, len(xs), first, b_ih is not None, b_hh is not None)
         return out, c
 
     @staticmethod
     def backward(ctx, grad_out, grad_cn):
-        cfg, seed, n_xs, first, has_b_ih, has_b_hh = ctx.meta
         w_ih, w_hh, gates, cells, c_init, *sketches = ctx.saved_tensors
         grad_gates = torch.empty_like(gates)
         dh = grad_out.new_zeros(grad_out.shape[1:])
@@ -167,29 +181,9 @@ class _LSTMFn(torch.autograd.Function):
             )
             dc = dc * f
             dh = grad_gates[t] @ w_hh
+        grad_x, *grad_params = _parameter_grads(ctx, grad_gates, sketches, w_ih, w_hh)
         need = ctx.needs_input_grad
-        grad_x = grad_gates @ w_ih if need[0] else None
-        grad_w_ih = grad_w_hh = None
-        if need[3]:
-            grad_w_ih = _weight_grad(
-                grad_gates, sketches[:n_xs], w_ih.shape[1], cfg, seed, _INPUT, 0
-            )
-        if need[4]:
-            grad_w_hh = _weight_grad(
-                grad_gates, sketches[n_xs:], w_hh.shape[1], cfg, seed, _HIDDEN, first
-            )
-        grad_b = grad_gates.sum((0, 1)) if has_b_ih or has_b_hh else None
-        return (
-            grad_x,
-            dh if need[1] else None,
-            dc if need[2] else None,
-            grad_w_ih,
-            grad_w_hh,
-            grad_b if has_b_ih and need[5] else None,
-            grad_b if has_b_hh and need[6] else None,
-            None,
-            None,
-        )
+        return grad_x, dh if need[1] else None, dc if need[2] else None, *grad_params, None, None
 
 
 def rad_relu_rnn(
