@@ -9,6 +9,7 @@ type each replaces with :func:`register_layers`.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -87,6 +88,17 @@ def register_layers(config_cls: ConfigT, layers: Mapping[type, type]) -> None:
 
 def _format(value: Any) -> str:
     return "none" if value is None else str(value)
+
+
+def check_seed(seed: Any, owner: str = "") -> int:
+    """``seed`` as an int (any integer type, not bool), or a TypeError naming it."""
+    prefix = f"{owner}: " if owner else ""
+    if not isinstance(seed, bool):
+        try:
+            return operator.index(seed)
+        except TypeError:
+            pass
+    raise TypeError(f"{prefix}seed must be an int; got {type(seed).__name__}")
 
 
 def check_choice(owner: str, field: str, value: Any, allowed: Iterable[Any]) -> None:

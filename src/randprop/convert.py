@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import operator
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from randprop.config import METHODS, MethodConfig, parse_method
+from randprop.config import METHODS, MethodConfig, check_seed, parse_method
 from randprop.methods.base import ConvertedLayer, RandomizedLayer
 from randprop.methods.exact import Exact
 from randprop.methods.masks import MASKED
@@ -107,12 +106,7 @@ def convert(
             f"got {type(module_filter_fn).__name__}"
         )
     target_modules = _patterns(target_modules)
-    if isinstance(seed, bool):
-        raise TypeError("seed must be an int; got bool")
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an int; got {type(seed).__name__}") from None
+    seed = check_seed(seed)
     if not isinstance(activation_masks, bool):
         raise TypeError(f"activation_masks must be True or False; got {activation_masks!r}")
     if isinstance(method, Mapping):

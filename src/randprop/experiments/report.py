@@ -16,7 +16,7 @@ def machine(threads: int | str | None = None) -> str:
     given, e.g. "1 per run")."""
     threads = torch.get_num_threads() if threads is None else threads
     return (
-        f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"{' '.join(filter(None, (platform.machine(), platform.processor())))}, {os.cpu_count()} CPUs, "
         f"{threads} thread(s), torch {torch.__version__}, CPU"
     )
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from randprop.config import METHODS, MethodConfig, parse_method
+from randprop.config import METHODS, MethodConfig, check_seed, parse_method
 from randprop.random import current_rank, derive_seed, name_id
 
 ConfigT = TypeVar("ConfigT", bound=MethodConfig)
@@ -192,12 +192,7 @@ class RandomizedLayer(ConvertedLayer):
             names = ", ".join(t.__name__ for t in types)
             raise TypeError(f"{owner}: give method= (one of the configs {names})")
         cfg = types[0]() if method is None else method_config(method, types, owner)
-        try:
-            seed = operator.index(seed) if not isinstance(seed, bool) else None
-        except TypeError:
-            seed = None
-        if seed is None:
-            raise TypeError(f"{owner}: seed must be an int")
+        seed = check_seed(seed, owner)
         if not isinstance(name, str):
             raise TypeError(f"{owner}: name must be a str; got {type(name).__name__}")
         self.rp_method, self.rp_seed, self.rp_layer = cfg, seed, name_id(name)

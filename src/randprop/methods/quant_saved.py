@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import operator
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -43,6 +42,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from randprop.config import check_seed
 from randprop.methods.base import ConvertedLayer
 from randprop.quantize import QuantizedTensor, check_bits, quantize
 from randprop.random import SUBSEED_QUANT, current_rank, derive_seed, generator, name_id, subseed
@@ -123,8 +123,22 @@ def _matches(patterns: tuple[Pattern, ...], name: str, module: nn.Module) -> boo
 
 
 class SavedQuantization:
-    """The hooks of :func:`quantize_saved` on one model; ``remove()`` (or leaving a ``with``
-    block) takes them off.
+    """Store every floating tensor ``model``'s forward saves for backward in ``bits``-bit codes
+    (1, 2, 4 or 8; stochastic rounding, E[Q(x)] = x), until ``remove()`` or the end of a
+    ``with`` block around the handle (public name: ``rp.quantize_saved``).
+
+    group: elements per scale and minimum (None: one per row, the last dimension).
+    allow, deny: fnmatch patterns of module qualified names (as ``model.named_modules()`` gives
+        them, "" the model itself) or nn.Module classes; a tensor is quantized when it is saved
+        inside (at any depth) a module that ``allow`` matches (None: every module) and no
+        module that ``deny`` matches. A string pattern matching no name is an error.
+    min_numel: smaller tensors stay exact.
+    converted: also quantize what randprop's converted layers save (default: left alone).
+    seed: run seed of the rounding draws, independent of the converted layers' draws.
+
+    Gradients through ops whose backward is linear in what they save (Linear, conv, matmul) stay
+    unbiased; through nonlinear ones (tanh, sigmoid, softmax, GELU, LayerNorm, ReLU) they are
+    biased: see the module docstring.
 
     .quantized: {module name: tensors quantized while it was the innermost running module},
     counted over all forwards since the hooks went on (a tensor saved twice counts once).
@@ -160,13 +174,7 @@ class SavedQuantization:
         if not isinstance(converted, bool):
             raise TypeError(f"converted must be True or False; got {converted!r}")
         self.converted = converted
-        if isinstance(seed, bool):
-            raise TypeError("seed must be an int; got bool")
-        try:
-            seed = operator.index(seed)
-        except TypeError:
-            raise TypeError(f"seed must be an int; got {type(seed).__name__}") from None
-        self.seed = seed
+        self.seed = check_seed(seed)
         modules = dict(model.named_modules())
         for label, patterns in (("allow", self.allow), ("deny", self.deny)):
             for p in patterns or ():
@@ -323,41 +331,5 @@ class SavedQuantization:
         self.remove()
 
 
-def quantize_saved(
-    model: nn.Module,
-    bits: int = 4,
-    group: int | None = None,
-    *,
-    allow: Pattern | Iterable[Pattern] | None = None,
-    deny: Pattern | Iterable[Pattern] | None = None,
-    min_numel: int = 1024,
-    converted: bool = False,
-    seed: int = 0,
-) -> SavedQuantization:
-    """Store every floating tensor ``model``'s forward saves for backward in ``bits``-bit codes
-    (1, 2, 4 or 8; stochastic rounding, E[Q(x)] = x), until the returned handle's ``remove()``
-    or the end of a ``with`` block around it.
-
-    group: elements per scale and minimum (None: one per row, the last dimension).
-    allow, deny: fnmatch patterns of module qualified names (as ``model.named_modules()`` gives
-        them, "" the model itself) or nn.Module classes; a tensor is quantized when it is saved
-        inside (at any depth) a module that ``allow`` matches (None: every module) and no
-        module that ``deny`` matches. A string pattern matching no name is an error.
-    min_numel: smaller tensors stay exact.
-    converted: also quantize what randprop's converted layers save (default: left alone).
-    seed: run seed of the rounding draws, independent of the converted layers' draws.
-
-    Gradients through ops whose backward is linear in what they save (Linear, conv, matmul) stay
-    unbiased; through nonlinear ones (tanh, sigmoid, softmax, GELU, LayerNorm, ReLU) they are
-    biased: see the module docstring.
-    """
-    return SavedQuantization(
-        model,
-        bits,
-        group,
-        allow=allow,
-        deny=deny,
-        min_numel=min_numel,
-        converted=converted,
-        seed=seed,
-    )
+#: the public name: ``rp.quantize_saved(model, bits=4, ...)`` returns the handle
+quantize_saved = SavedQuantization
