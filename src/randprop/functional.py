@@ -9,6 +9,7 @@ The forms with state across steps take its holder: ``aop_linear(..., memory=rp.A
 
 from randprop.methods.aop import aop_linear
 from randprop.methods.crs import crs_linear
+from randprop.methods.dropout import dropout
 from randprop.methods.masks import leaky_relu, relu
 from randprop.methods.rad import (
     rad_conv,
@@ -32,6 +33,7 @@ from randprop.methods.vjp import (
 __all__ = [
     "aop_linear",
     "crs_linear",
+    "dropout",
     "leaky_relu",
     "rad_conv",
     "rad_conv1d",
