@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         parse_method,
         reset_memory,
     )
+    from randprop.methods.loss import LinearCrossEntropy
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ _EXPORTS = {
         "randprop.methods",
     ),
     **dict.fromkeys(("MethodConfig", "parse_method", "reset_memory"), "randprop.methods"),
+    "LinearCrossEntropy": "randprop.methods.loss",
 }
 #: subpackages and modules reachable as attributes (``rp.rules.FA``)
 _SUBMODULES = frozenset(
@@ -89,6 +91,7 @@ __all__ = [
     "ConversionReport",
     "Exact",
     "GradientDiagnostics",
+    "LinearCrossEntropy",
     "MethodConfig",
     "SparseVJP",
     "Trace",

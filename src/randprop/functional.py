@@ -10,6 +10,7 @@ The forms with state across steps take its holder: ``aop_linear(..., memory=rp.A
 from randprop.methods.aop import aop_linear
 from randprop.methods.crs import crs_linear
 from randprop.methods.dropout import dropout
+from randprop.methods.loss import linear_cross_entropy
 from randprop.methods.masks import leaky_relu, relu
 from randprop.methods.rad import (
     rad_conv,
@@ -35,6 +36,7 @@ __all__ = [
     "crs_linear",
     "dropout",
     "leaky_relu",
+    "linear_cross_entropy",
     "rad_conv",
     "rad_conv1d",
     "rad_conv2d",
