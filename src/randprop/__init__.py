@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         parse_method,
         reset_memory,
     )
+    from randprop.methods.loss import LinearCrossEntropy
     from randprop.methods.quant_saved import quantize_saved
 
 __version__ = "0.1.0"
@@ -63,6 +64,7 @@ _EXPORTS = {
     ),
     **dict.fromkeys(("MethodConfig", "Quant", "parse_method", "reset_memory"), "randprop.methods"),
     "quantize_saved": "randprop.methods.quant_saved",
+    "LinearCrossEntropy": "randprop.methods.loss",
 }
 #: subpackages and modules reachable as attributes (``rp.rules.FA``)
 _SUBMODULES = frozenset(
@@ -92,6 +94,7 @@ __all__ = [
     "ConversionReport",
     "Exact",
     "GradientDiagnostics",
+    "LinearCrossEntropy",
     "MethodConfig",
     "Quant",
     "SparseVJP",

@@ -11,6 +11,8 @@ no L x S tensor for backward (dropout by seed).
 from randprop.methods.aop import aop_linear
 from randprop.methods.attention import attention
 from randprop.methods.crs import crs_linear
+from randprop.methods.dropout import dropout
+from randprop.methods.loss import linear_cross_entropy
 from randprop.methods.masks import leaky_relu, relu
 from randprop.methods.quant import (
     quant_conv,
@@ -42,7 +44,9 @@ __all__ = [
     "aop_linear",
     "attention",
     "crs_linear",
+    "dropout",
     "leaky_relu",
+    "linear_cross_entropy",
     "quant_conv",
     "quant_conv1d",
     "quant_conv2d",

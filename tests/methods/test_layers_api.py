@@ -38,6 +38,11 @@ RECIPES = {
     nn.AvgPool1d: ((2,), {}, (2, 3, 8)),
     nn.AvgPool2d: ((3,), {"padding": 1}, (2, 3, 6, 6)),
     nn.AvgPool3d: ((2,), {}, (1, 2, 4, 4, 4)),
+    # p = 0: the torch class's output, to compare with (the masks are drawn differently)
+    nn.Dropout: ((0.0,), {}, (3, 5)),
+    nn.Dropout1d: ((0.0,), {}, (2, 3, 8)),
+    nn.Dropout2d: ((0.0,), {}, (2, 3, 6, 6)),
+    nn.Dropout3d: ((0.0,), {}, (1, 2, 4, 4, 4)),
 }
 #: a method string per config class (an input-exact setting where the method has one)
 METHOD_TEXT = {

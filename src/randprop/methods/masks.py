@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop.methods.base import ConvertedLayer
+from randprop.methods.dropout import COMPACT_DROPOUT
 from randprop.methods.pooling import COMPACT_POOLS
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -111,4 +112,4 @@ class MaskedLeakyReLU(ConvertedLayer, nn.LeakyReLU):
 
 
 # exact activation layers with compact storage, swapped in by convert under memory-saving methods
-MASKED = {nn.ReLU: MaskedReLU, nn.LeakyReLU: MaskedLeakyReLU, **COMPACT_POOLS}
+MASKED = {nn.ReLU: MaskedReLU, nn.LeakyReLU: MaskedLeakyReLU, **COMPACT_POOLS, **COMPACT_DROPOUT}
