@@ -4,9 +4,11 @@ The Linear and Conv forms take F.linear's and F.conv1d/2d/3d's arguments (ints o
 padding 'same' and 'valid'), then the keywords ``method`` (a config of the method or its string
 form) and ``seed``: ``rad_conv2d(x, w, b, stride=2, padding=1, method="rad:keep=0.2", seed=3)``.
 The forms with state across steps take its holder: ``aop_linear(..., memory=rp.AOPMemory())``,
-``crs_linear(..., state=rp.CRSState())``.
+``crs_linear(..., state=rp.CRSState())``. The smooth activations and gates (gelu, silu, tanh,
+sigmoid, swiglu, geglu) take ``bits`` and ``seed``: they store their derivative in k bits.
 """
 
+from randprop.methods.activations import geglu, gelu, sigmoid, silu, swiglu, tanh
 from randprop.methods.aop import aop_linear
 from randprop.methods.crs import crs_linear
 from randprop.methods.masks import leaky_relu, relu
@@ -32,6 +34,8 @@ from randprop.methods.vjp import (
 __all__ = [
     "aop_linear",
     "crs_linear",
+    "geglu",
+    "gelu",
     "leaky_relu",
     "rad_conv",
     "rad_conv1d",
@@ -41,7 +45,11 @@ __all__ = [
     "rad_lstm",
     "rad_relu_rnn",
     "relu",
+    "sigmoid",
+    "silu",
     "sparse_vjp",
+    "swiglu",
+    "tanh",
     "trace_conv",
     "trace_conv1d",
     "trace_conv2d",
