@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from randprop.config import METHODS, MethodConfig, check_seed, parse_method
+from randprop.methods.activations import activation_class, is_activation
 from randprop.methods.base import ConvertedLayer, RandomizedLayer
 from randprop.methods.exact import Exact
 from randprop.methods.masks import MASKED
@@ -61,7 +62,7 @@ def _method_for(name: str, method: MethodSpec) -> tuple[MethodConfig | None, str
 
 def _is_candidate(module: nn.Module) -> bool:
     """Modules worth a line in the report: known layer types and leaves holding parameters."""
-    if isinstance(module, (*MASKED, nn.Linear, nn.modules.conv._ConvNd)):
+    if isinstance(module, (*MASKED, nn.Linear, nn.modules.conv._ConvNd)) or is_activation(module):
         return True
     has_children = next(module.children(), None) is not None
     return not has_children and next(module.parameters(recurse=False), None) is not None
@@ -85,7 +86,9 @@ def convert(
     target_modules: fnmatch patterns of module names to convert (as in PEFT); a single string
         is one pattern.
     seed: run seed of every random draw (with layer id, step and rank): an int.
-    activation_masks: swap ReLU / LeakyReLU for their exact 1-bit-mask versions under
+    activation_masks: swap ReLU / LeakyReLU for their exact 1-bit-mask versions, smooth
+        activations (GELU, SiLU, tanh, sigmoid; transformers' by class name) and gated MLPs
+        for versions storing k-bit derivatives (randprop.methods.activations), under
         memory-saving methods.
     prefix: the qualified name of ``model`` inside a larger model, when converting a part of it.
 
@@ -202,12 +205,16 @@ def _target_class(
     module: nn.Module, cfg: MethodConfig, activation_masks: bool
 ) -> tuple[type | None, str]:
     kind = type(module)
-    if kind in MASKED:
+    compact = (MASKED[kind], "") if kind in MASKED else activation_class(module)
+    if compact is not None:
         if not cfg.saves_memory:
             return None, f"{cfg.name} keeps activations exact as stored by PyTorch"
         if not activation_masks:
             return None, "activation_masks=False"
-        return MASKED[kind], ""
+        new_class, reason = compact
+        if new_class is None or issubclass(new_class, kind):
+            return new_class, reason
+        return combined_class(new_class, kind), ""  # a mixin for a class known by duck typing
     if isinstance(cfg, Exact):
         return None, "exact: kept as plain PyTorch"
     new_class = cfg.layer_class(kind)

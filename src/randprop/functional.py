@@ -5,9 +5,11 @@ padding 'same' and 'valid'), then the keywords ``method`` (a config of the metho
 form) and ``seed``: ``rad_conv2d(x, w, b, stride=2, padding=1, method="rad:keep=0.2", seed=3)``.
 The forms with state across steps take its holder: ``aop_linear(..., memory=rp.AOPMemory())``,
 ``crs_linear(..., state=rp.CRSState())``. ``attention`` is F.scaled_dot_product_attention saving
-no L x S tensor for backward (dropout by seed).
+no L x S tensor for backward (dropout by seed). The smooth activations and gates (gelu, silu, tanh,
+sigmoid, swiglu, geglu) take ``bits`` and ``seed``: they store their derivative in k bits.
 """
 
+from randprop.methods.activations import geglu, gelu, sigmoid, silu, swiglu, tanh
 from randprop.methods.aop import aop_linear
 from randprop.methods.attention import attention
 from randprop.methods.crs import crs_linear
@@ -45,6 +47,8 @@ __all__ = [
     "attention",
     "crs_linear",
     "dropout",
+    "geglu",
+    "gelu",
     "leaky_relu",
     "linear_cross_entropy",
     "quant_conv",
@@ -60,7 +64,11 @@ __all__ = [
     "rad_lstm",
     "rad_relu_rnn",
     "relu",
+    "sigmoid",
+    "silu",
     "sparse_vjp",
+    "swiglu",
+    "tanh",
     "trace_conv",
     "trace_conv1d",
     "trace_conv2d",

@@ -136,11 +136,17 @@ def table(rows: list[dict]) -> list[str]:
     header = ["run", "method", "batch", "test accuracy", "saved bytes", "fewer bytes than exact",
               "points lost", "peak step", "time vs exact"]  # fmt: skip
     cells = [
-        [r["label"], f"`{r['method']}`", r["batch"],
-         f"{r['test_accuracy']:.4f} ± {r['test_accuracy_std']:.4f}", f"{r['saved_bytes']:,}",
-         f"{r['bytes_vs_exact']:.1f}x", f"{r['accuracy_points_lost']:+.2f}",
-         "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.2f} MiB",
-         f"{r['time_vs_exact']:.2f}x"]  # fmt: skip
+        [
+            r["label"],
+            f"`{r['method']}`",
+            r["batch"],
+            f"{r['test_accuracy']:.4f} ± {r['test_accuracy_std']:.4f}",
+            f"{r['saved_bytes']:,}",
+            f"{r['bytes_vs_exact']:.1f}x",
+            f"{r['accuracy_points_lost']:+.2f}",
+            "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.2f} MiB",
+            f"{r['time_vs_exact']:.2f}x",
+        ]  # fmt: skip
         for r in rows
     ]
     return report.markdown_table(header, cells)
