@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from randprop.config import register_layers
+from randprop.methods import kbit
 from randprop.methods.base import RandomizedLayer, autocast_inputs, method_config
 from randprop.methods.masks import pack_bits, unpack_bits
 from randprop.methods.rad.config import RAD
@@ -37,11 +38,11 @@ _INPUT, _HIDDEN = 0, 1
 
 
 def _sketch_sequence(rows: list[torch.Tensor], cfg: RAD, seed: int, kind: int, first: int):
-    """RAD sketches of the (B, n) tensors ``rows`` (time steps first, first, ...)."""
-    return [
-        compress(r.unsqueeze(1), cfg, derive_seed(seed, kind, first + i))
-        for i, r in enumerate(rows)
-    ]
+    """RAD sketches of the (B, n) tensors ``rows`` (time steps first, first, ...), in
+    ``cfg.bits``: (the tensors to save, their layout for kbit.unpack_all)."""
+    seeds = [derive_seed(seed, kind, first + i) for i in range(len(rows))]
+    sketches = [compress(r.unsqueeze(1), cfg, s) for r, s in zip(rows, seeds, strict=True)]
+    return kbit.pack_all(sketches, cfg.bits, cfg.group, seeds)
 
 
 def _weight_grad(grad_z: torch.Tensor, stored, n: int, cfg: RAD, seed: int, kind: int, first: int):
@@ -67,18 +68,25 @@ class _ReLURNNFn(torch.autograd.Function):
         for t in range(steps):
             h = torch.addmm(pre[t], h, w_hh.T).clamp_min_(0)
             out[t] = h
-        xs = _sketch_sequence(list(x), cfg, seed, _INPUT, 0) if ctx.needs_input_grad[2] else []
+        xs, x_layout = _sketch_sequence(
+            list(x) if ctx.needs_input_grad[2] else [], cfg, seed, _INPUT, 0
+        )
         first = 0 if h0 is not None else 1  # a zero initial state adds nothing to dW_hh
         prev = ([h0] if h0 is not None else []) + list(out[:-1])
-        hs = _sketch_sequence(prev, cfg, seed, _HIDDEN, first) if ctx.needs_input_grad[3] else []
+        hs, h_layout = _sketch_sequence(
+            prev if ctx.needs_input_grad[3] else [], cfg, seed, _HIDDEN, first
+        )
         ctx.save_for_backward(w_ih, w_hh, pack_bits(out > 0), *xs, *hs)
         ctx.meta = (cfg, seed, out.shape, len(xs), first, b_ih is not None, b_hh is not None)
+        ctx.layouts = (x_layout, h_layout)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         cfg, seed, shape, n_xs, first, has_b_ih, has_b_hh = ctx.meta
         w_ih, w_hh, packed, *sketches = ctx.saved_tensors
+        xs = kbit.unpack_all(sketches[:n_xs], ctx.layouts[0])
+        hs = kbit.unpack_all(sketches[n_xs:], ctx.layouts[1])
         positive = unpack_bits(packed, shape)
         grad_z = torch.empty_like(grad_out)
         dh = grad_out.new_zeros(shape[1:])
@@ -90,11 +98,9 @@ class _ReLURNNFn(torch.autograd.Function):
         grad_x = grad_z @ w_ih if need[0] else None
         grad_w_ih = grad_w_hh = None
         if need[2]:
-            grad_w_ih = _weight_grad(grad_z, sketches[:n_xs], w_ih.shape[1], cfg, seed, _INPUT, 0)
+            grad_w_ih = _weight_grad(grad_z, xs, w_ih.shape[1], cfg, seed, _INPUT, 0)
         if need[3]:
-            grad_w_hh = _weight_grad(
-                grad_z, sketches[n_xs:], w_hh.shape[1], cfg, seed, _HIDDEN, first
-            )
+            grad_w_hh = _weight_grad(grad_z, hs, w_hh.shape[1], cfg, seed, _HIDDEN, first)
         grad_b = grad_z.sum((0, 1)) if has_b_ih or has_b_hh else None
         return (
             grad_x,
@@ -131,19 +137,26 @@ class _LSTMFn(torch.autograd.Function):
             h = o * c.tanh()
             gates[t] = torch.cat([i, f, gg, o], 1)
             cells[t], out[t] = c, h
-        xs = _sketch_sequence(list(x), cfg, seed, _INPUT, 0) if ctx.needs_input_grad[3] else []
+        xs, x_layout = _sketch_sequence(
+            list(x) if ctx.needs_input_grad[3] else [], cfg, seed, _INPUT, 0
+        )
         first = 0 if h0 is not None else 1
         prev = ([h0] if h0 is not None else []) + list(out[:-1])
-        hs = _sketch_sequence(prev, cfg, seed, _HIDDEN, first) if ctx.needs_input_grad[4] else []
+        hs, h_layout = _sketch_sequence(
+            prev if ctx.needs_input_grad[4] else [], cfg, seed, _HIDDEN, first
+        )
         c_init = x.new_zeros(0) if c0 is None else c0  # c_{-1}, needed exactly by the f gate
         ctx.save_for_backward(w_ih, w_hh, gates, cells, c_init, *xs, *hs)
         ctx.meta = (cfg, seed, len(xs), first, b_ih is not None, b_hh is not None)
+        ctx.layouts = (x_layout, h_layout)
         return out, c
 
     @staticmethod
     def backward(ctx, grad_out, grad_cn):
         cfg, seed, n_xs, first, has_b_ih, has_b_hh = ctx.meta
         w_ih, w_hh, gates, cells, c_init, *sketches = ctx.saved_tensors
+        xs = kbit.unpack_all(sketches[:n_xs], ctx.layouts[0])
+        hs = kbit.unpack_all(sketches[n_xs:], ctx.layouts[1])
         grad_gates = torch.empty_like(gates)
         dh = grad_out.new_zeros(grad_out.shape[1:])
         dc = grad_cn.clone()
@@ -171,13 +184,9 @@ class _LSTMFn(torch.autograd.Function):
         grad_x = grad_gates @ w_ih if need[0] else None
         grad_w_ih = grad_w_hh = None
         if need[3]:
-            grad_w_ih = _weight_grad(
-                grad_gates, sketches[:n_xs], w_ih.shape[1], cfg, seed, _INPUT, 0
-            )
+            grad_w_ih = _weight_grad(grad_gates, xs, w_ih.shape[1], cfg, seed, _INPUT, 0)
         if need[4]:
-            grad_w_hh = _weight_grad(
-                grad_gates, sketches[n_xs:], w_hh.shape[1], cfg, seed, _HIDDEN, first
-            )
+            grad_w_hh = _weight_grad(grad_gates, hs, w_hh.shape[1], cfg, seed, _HIDDEN, first)
         grad_b = grad_gates.sum((0, 1)) if has_b_ih or has_b_hh else None
         return (
             grad_x,
