@@ -34,7 +34,11 @@ class MethodConfig:
         cls.layer_types = {}
 
     def __str__(self) -> str:
-        parts = [f"{f.name}={_format(getattr(self, f.name))}" for f in dataclasses.fields(self)]
+        parts = [
+            f"{f.name}={_format(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if not (f.metadata.get(QUIET) and getattr(self, f.name) == f.default)
+        ]
         return self.name + (":" + ",".join(parts) if parts else "")
 
     def layer_class(self, module_type: type) -> type | None:
@@ -84,6 +88,16 @@ def register_layers(config_cls: ConfigT, layers: Mapping[type, type]) -> None:
                 f"{module_type.__name__} to {known.__name__}"
             )
         config_cls.layer_types[module_type] = layer_cls
+
+
+#: metadata key of the config fields that the string form leaves out at their default
+QUIET = "quiet"
+
+
+def quiet_field(default: Any) -> Any:
+    """A config field left out of the string form while it holds ``default`` (for fields added
+    after string forms were in use, e.g. ``bits``: the earlier forms stay as they were)."""
+    return dataclasses.field(default=default, metadata={QUIET: True})
 
 
 def _format(value: Any) -> str:

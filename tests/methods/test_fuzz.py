@@ -6,12 +6,14 @@ replicate, circular), dilation, groups (depthwise included), bias, batched or un
 dtype (float32, float64, bfloat16 forward only), input layout (contiguous, strided,
 channels_last for Conv2d/3d), what is frozen (nothing, the input, the bias or the weight), the
 loss (a random projection of the outputs, or their plain sum: a gradient with zero strides), one
-or two forward calls per step, and a method from rp.METHODS with random valid parameters. :func:`check_case` runs two training
+or two forward calls per step, and a method from rp.METHODS with random valid parameters (the
+storage bits of the stored values included). :func:`check_case` runs two training
 steps of the converted layer beside the same plain layer and checks that
 
 - the forward equals PyTorch's, and so do the exact parts of the backward (input gradient where
   the method keeps it exact, bias gradients; for SparseVJP, every gradient equals PyTorch's
-  backward of the sketched output gradient S G for the same draw of S);
+  backward of the sketched output gradient S G for the same draw of S, but for the weight
+  gradients from k-bit stored rows);
 - the global RNG is untouched;
 - the same seed gives bitwise the same gradients, and a different seed different ones for a
   configuration that draws anything.
@@ -97,6 +99,11 @@ def _fraction(rng: random.Random, one: float = 0.15) -> float:
     return 1.0 if rng.random() < one else round(rng.uniform(0.05, 0.95), 3)
 
 
+def _bits(rng: random.Random) -> int:
+    """Storage bits of the stored values: full precision half the time, else 1, 2, 4 or 8."""
+    return 32 if rng.random() < 0.5 else rng.choice([1, 2, 4, 8])
+
+
 def draw_method(name: str, rng: random.Random, rows: int, out_features: int) -> rp.MethodConfig:
     """A random valid config of method ``name`` for a layer with ``rows`` input rows."""
     if name == "exact":
@@ -106,12 +113,14 @@ def draw_method(name: str, rng: random.Random, rows: int, out_features: int) -> 
             keep=_fraction(rng),
             mode=rng.choice(["sample", "project"]),
             same_sample=rng.random() < 0.3,
+            bits=_bits(rng),
         )
     if name == "trace":
         return rp.Trace(
             probes=rng.randint(1, 12),
             probe=rng.choice(["gaussian", "rademacher", "orthogonal"]),
             channels=rng.choice(["multi", "independent"]),
+            bits=_bits(rng),
         )
     if name == "vjp":
         sketch = rng.choice(["uniform", "optimal", "lowrank", "gaussian"])
@@ -124,14 +133,20 @@ def draw_method(name: str, rng: random.Random, rows: int, out_features: int) -> 
             if (sketch, structure) == ("optimal", "element") and rng.random() < 0.5
             else "tensor"
         )
+        row_storage = structure == "row" and sketch != "optimal"  # stores rows: bits apply
         return rp.SparseVJP(
-            density=_fraction(rng), sketch=sketch, structure=structure, budget=budget
+            density=_fraction(rng),
+            sketch=sketch,
+            structure=structure,
+            budget=budget,
+            bits=_bits(rng) if row_storage else 32,
         )
     if name == "crs":
         return rp.CRS(
             keep=_fraction(rng),
             winners=round(rng.uniform(0, 0.9), 3) if rng.random() < 0.8 else 0.0,
             momentum=round(rng.uniform(0, 0.99), 3),
+            bits=_bits(rng),
         )
     if name == "aop":
         target = rng.choice(["weight", "weight", "input", "both"])
@@ -609,6 +624,8 @@ def check_case(case: Case, converter: Converter = convert) -> None:
             reference = _VJPReference(plain, cfg, draws, _unbatched(case))
             want = step(reference, inputs, upstream, case.calls)[0]
             for name, g in got.grads.items():
+                if cfg.bits < 32 and name.startswith("weight"):
+                    continue  # from the k-bit stored rows: unbiased, see check_unbiased
                 w = want.grads[name] if name in want.grads else want.grads[f"layer.{name}"]
                 _assert_close(g, w, f"gradient {name} vs the backward of S G", tol)
     again = run_converted(case, plain, inputs, upstream, cfg, case.seed, converter)[1]
@@ -674,7 +691,9 @@ def check_unbiased(
         stack = samples[name]
         # a draw that varies only by rounding (e.g. a full-rank orthogonal sketch) is exact
         if not (stack.numel() and (stack - stack[0]).abs().max() > 1e-9 * exact.abs().max()):
-            _assert_close(stack[0], exact, f"gradient {name} (no variance)", tolerance("float64"))
+            # k-bit storage keeps its scale and minimum in float32
+            tol = tolerance("float32" if getattr(cfg, "bits", 32) < 32 else "float64")
+            _assert_close(stack[0], exact, f"gradient {name} (no variance)", tol)
             continue
         varied += 1
         try:
@@ -733,6 +752,7 @@ def test_draw_covers_every_method_kind_and_setting():
     assert {c.calls for c in FUZZ} == {1, 2}
     assert any(_unbatched(c) for c in FUZZ)
     assert {rp.parse_method(c.method).name for c in STAT} == set(UNBIASED)
+    assert any(rp.parse_method(c.method).bits < 32 for c in STAT)  # k-bit storage
     assert draw_cases(5) == FUZZ[:5]  # seeded
 
 

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_fraction, register, register_layers
+from randprop.config import MethodConfig, check_fraction, quiet_field, register, register_layers
+from randprop.methods import kbit
 from randprop.methods.base import (
     Handoff,
     LayerState,
@@ -57,12 +58,17 @@ class CRS(MethodConfig):
     keep: fraction of rows stored, in (0, 1].
     winners: least fraction of the K rows kept deterministically (highest scores), in [0, 1).
     momentum: of the running estimate of output-gradient norms, in [0, 1).
+    bits: the K stored rows in 1, 2, 4 or 8 bits with stochastic rounding (still unbiased), or
+        32 (full precision); group: values per scale and minimum (0: per row). See
+        :mod:`randprop.methods.kbit`.
     """
 
     name = "crs"
     keep: float = 0.3
     winners: float = 0.5
     momentum: float = 0.9
+    bits: int = quiet_field(32)
+    group: int = quiet_field(0)
 
     def __post_init__(self) -> None:
         check_fraction("crs", "keep", self.keep)
@@ -73,6 +79,7 @@ class CRS(MethodConfig):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not ok or not 0 <= value < 1:
                 raise ValueError(f"crs: {field} must be a number in [0, 1){why}; got {value!r}")
+        kbit.check_storage("crs", self.bits, self.group)
 
 
 class CRSState(LayerState):
@@ -126,7 +133,8 @@ def _estimate(state: nn.Module | None, positions: int, device) -> torch.Tensor |
 
 @torch.no_grad()
 def _sample(x: torch.Tensor, cfg: CRS, seed: int, estimate: torch.Tensor | None):
-    """(stored rows, indices, weights): the K rows of ``x`` kept for the weight gradient."""
+    """(stored rows, indices, weights): the K rows of ``x`` kept for the weight gradient (the
+    rows at full precision; :func:`crs_linear` stores them in ``cfg.bits``)."""
     rows = x.reshape(-1, x.shape[-1])
     n_rows, positions = rows.shape[0], _positions(x.shape)
     if estimate is None:
@@ -142,10 +150,13 @@ def _sample(x: torch.Tensor, cfg: CRS, seed: int, estimate: torch.Tensor | None)
 
 
 def _weight_grad(
-    cfg: CRS, estimate: torch.Tensor | None, positions: int, grad_out, stored, idx, weights
+    cfg: CRS, estimate: torch.Tensor | None, positions: int, meta: kbit.Meta, grad_out, *saved
 ) -> torch.Tensor:
-    """The weight gradient over the stored rows (run by the call's WeightNode); updates the
-    running estimate of the output-gradient norms."""
+    """The weight gradient over the stored rows (run by the call's WeightNode; ``saved``: the
+    rows as kbit.pack saved them with ``meta``, the indices, the weights); updates the running
+    estimate of the output-gradient norms."""
+    *stored, idx, weights = saved
+    stored = kbit.unpack(stored, meta)
     d = grad_out.reshape(-1, grad_out.shape[-1])
     if estimate is not None:
         norms = d.detach().float().norm(dim=1).view(-1, positions).mean(0)
@@ -199,8 +210,10 @@ def crs_linear(
         return F.linear(x, weight, bias)
     positions = _positions(x.shape)
     estimate = _estimate(state, positions, weight.device)
-    grad_fn = functools.partial(_weight_grad, cfg, estimate, positions)
-    token, handoff = weight_node(weight, grad_fn, *_sample(x.detach(), cfg, seed, estimate))
+    rows, idx, weights = _sample(x.detach(), cfg, seed, estimate)
+    rows, meta = kbit.pack(rows, cfg.bits, cfg.group, seed)
+    grad_fn = functools.partial(_weight_grad, cfg, estimate, positions, meta)
+    token, handoff = weight_node(weight, grad_fn, *rows, idx, weights)
     return _CRSLinearFn.apply(x, weight, bias, token, handoff)
 
 

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_choice, register, register_layers
+from randprop.config import MethodConfig, check_choice, quiet_field, register, register_layers
+from randprop.methods import kbit
 from randprop.methods.base import (
     ConvArgs,
     RandomizedConvNd,
@@ -54,18 +55,24 @@ class Trace(MethodConfig):
     probes: number r of probing vectors (stored values per example: r, or C * r).
     probe: "gaussian", "rademacher" or "orthogonal" (Haar frames, rows orthogonal: less variance).
     channels: "multi" (probes span channels: B x r stored) or "independent" (per channel).
+    bits: the stored projections in 1, 2, 4 or 8 bits with stochastic rounding (still unbiased),
+        or 32 (full precision); group: values per scale and minimum (0: per row, the r
+        projections of an example or channel). See :mod:`randprop.methods.kbit`.
     """
 
     name = "trace"
     probes: int = 16
     probe: str = "gaussian"
     channels: str = "multi"
+    bits: int = quiet_field(32)
+    group: int = quiet_field(0)
 
     def __post_init__(self) -> None:
         if isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 1:
             raise ValueError(f"trace: probes must be a positive integer; got {self.probes!r}")
         check_choice("trace", "probe", self.probe, rnd.PROBES)
         check_choice("trace", "channels", self.channels, ("multi", "independent"))
+        kbit.check_storage("trace", self.bits, self.group)
 
 
 def probe_tensor(
@@ -183,13 +190,15 @@ class _TraceConvFn(torch.autograd.Function):
         stored = None
         if ctx.needs_input_grad[1]:
             stored = project(x, probe_tensor(x.shape, cfg, seed, x.device, x.dtype), cfg)
-        ctx.save_for_backward(stored, weight_to_save(ctx, weight))
+        stored, ctx.stored_meta = kbit.pack(stored, cfg.bits, cfg.group, seed)
+        ctx.save_for_backward(*stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed = cfg, seed
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        stored, weight = ctx.saved_tensors
+        *stored, weight = ctx.saved_tensors
+        stored = kbit.unpack(stored, ctx.stored_meta)
         weight = saved_weight(ctx, weight, grad_out)
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]

@@ -17,7 +17,8 @@ Units (structure): "element" = single entries (diagonal sketches only), "row" = 
 output). Rows and columns make the layer's backward GEMMs smaller: with k of n rows kept,
 dW = G_k^T X_k and dX_k = G_k W run on k rows only; with columns, on k output features. For
 data-independent row sketches (uniform, lowrank, gaussian) the pattern is drawn in the forward
-pass, so only the kept rows (or the k projected rows P^T X) of the input are stored.
+pass, so only the kept rows (or the k projected rows P^T X) of the input are stored; ``bits`` < 32
+keeps them in k bits with unbiased stochastic rounding (:mod:`randprop.methods.kbit`).
 
 Every draw is regenerated from the integer seed saved in ctx.
 """
@@ -33,7 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_choice, check_fraction, register, register_layers
+from randprop.config import (
+    MethodConfig,
+    check_choice,
+    check_fraction,
+    quiet_field,
+    register,
+    register_layers,
+)
+from randprop.methods import kbit
 from randprop.methods.base import (
     RandomizedConvNd,
     RandomizedLayer,
@@ -61,6 +70,10 @@ class SparseVJP(MethodConfig):
     structure: "element", "row" (examples) or "column" (features / channels); the projection
         sketches mix rows or columns, so they need "row" or "column".
     budget: where "optimal" element sketches spend q n: over the whole "tensor" or per "row".
+    bits: the stored rows of a row sketch drawn in forward (structure "row", sketch "uniform",
+        "lowrank" or "gaussian") in 1, 2, 4 or 8 bits with stochastic rounding (still
+        unbiased), or 32 (full precision); group: values per scale and minimum (0: per row).
+        See :mod:`randprop.methods.kbit`.
     """
 
     name = "vjp"
@@ -68,6 +81,8 @@ class SparseVJP(MethodConfig):
     sketch: str = "uniform"
     structure: str = "element"
     budget: str = "tensor"
+    bits: int = quiet_field(32)
+    group: int = quiet_field(0)
 
     def __post_init__(self) -> None:
         check_fraction("vjp", "density", self.density)
@@ -83,6 +98,13 @@ class SparseVJP(MethodConfig):
             raise ValueError(
                 "vjp: budget='row' applies to sketch='optimal', structure='element' only; "
                 f"got sketch={self.sketch!r}, structure={self.structure!r}"
+            )
+        kbit.check_storage("vjp", self.bits, self.group)
+        if self.bits != kbit.FULL and not _row_pattern(self):
+            raise ValueError(
+                "vjp: bits < 32 applies to the stored rows of structure='row' with sketch one of "
+                f"'uniform', 'lowrank', 'gaussian'; got sketch={self.sketch!r}, "
+                f"structure={self.structure!r}"
             )
 
 
@@ -247,14 +269,16 @@ class _VJPLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, cfg: SparseVJP, seed: int):
         out = F.linear(x, weight, bias)
         stored = _stored_input(x, cfg, seed) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(stored, weight_to_save(ctx, weight))
+        stored, ctx.stored_meta = kbit.pack(stored, cfg.bits, cfg.group, seed)
+        ctx.save_for_backward(*stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        stored, weight = ctx.saved_tensors
+        *stored, weight = ctx.saved_tensors
+        stored = kbit.unpack(stored, ctx.stored_meta)
         weight = saved_weight(ctx, weight, grad)
         cfg, seed = ctx.cfg, ctx.seed
         need_x, need_w = ctx.needs_input_grad[:2]
@@ -361,13 +385,15 @@ class _VJPConvFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, cfg: SparseVJP, seed: int, stride, padding, dilation, groups):
         out = conv_forward(ctx, x, weight, bias, stride, padding, dilation, groups)
         stored = _stored_input(x, cfg, seed) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(stored, weight_to_save(ctx, weight))
+        stored, ctx.stored_meta = kbit.pack(stored, cfg.bits, cfg.group, seed)
+        ctx.save_for_backward(*stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed = cfg, seed
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        stored, weight = ctx.saved_tensors
+        *stored, weight = ctx.saved_tensors
+        stored = kbit.unpack(stored, ctx.stored_meta)
         weight = saved_weight(ctx, weight, grad)
         cfg, seed, conv, x_shape = ctx.cfg, ctx.seed, ctx.conv, ctx.x_shape
         need_x, need_w = ctx.needs_input_grad[:2]

@@ -18,7 +18,8 @@ B = batch, G = channels, n = spatial positions. With keep fraction p:
   E[R R^T] = I; stores X R (B x G x k). Without same_sample each row also gets its own random
   signs s (X_hat = ((X * s) R) R^T * s), which decorrelates the examples at no storage cost.
 
-Only the seed of the randomness is kept; backward regenerates every draw.
+Only the seed of the randomness is kept; backward regenerates every draw. With bits < 32 the
+stored values are kept in k bits with unbiased stochastic rounding (:mod:`randprop.methods.kbit`).
 Backward rebuilds X_hat a chunk of rows at a time (see :func:`x_hat_chunks`), so that besides
 the stored values it holds about as much again, not X's size. Project mode also holds R
 (n x k) whole while compressing and decompressing: for a wide Linear layer at a small batch
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from randprop import random as rnd
+from randprop.methods import kbit
 from randprop.methods.base import (
     autocast_inputs,
     conv_backward,
@@ -183,14 +185,16 @@ class _RADLinearFn(torch.autograd.Function):
         out = F.linear(x, weight, bias)
         rows = x.reshape(-1, 1, x.shape[-1])
         stored = compress(rows, cfg, seed) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(stored, weight_to_save(ctx, weight))
+        stored, ctx.stored_meta = kbit.pack(stored, cfg.bits, cfg.group, seed)
+        ctx.save_for_backward(*stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        stored, weight = ctx.saved_tensors
+        *stored, weight = ctx.saved_tensors
+        stored = kbit.unpack(stored, ctx.stored_meta)
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -228,13 +232,15 @@ class _RADConvFn(torch.autograd.Function):
         out = conv_forward(ctx, x, weight, bias, stride, padding, dilation, groups)
         b, c = x.shape[:2]
         stored = compress(x.reshape(b, c, -1), cfg, seed) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(stored, weight_to_save(ctx, weight))
+        stored, ctx.stored_meta = kbit.pack(stored, cfg.bits, cfg.group, seed)
+        ctx.save_for_backward(*stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed = cfg, seed
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        stored, weight = ctx.saved_tensors
+        *stored, weight = ctx.saved_tensors
+        stored = kbit.unpack(stored, ctx.stored_meta)
         weight = saved_weight(ctx, weight, grad_out)
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]

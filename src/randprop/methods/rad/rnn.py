@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from randprop.config import register_layers
+from randprop.methods import kbit
 from randprop.methods.base import RandomizedLayer, autocast_inputs, method_config
 from randprop.methods.masks import pack_bits, unpack_bits
 from randprop.methods.rad.config import RAD
@@ -37,11 +38,11 @@ _INPUT, _HIDDEN = 0, 1
 
 
 def _sketch_sequence(rows: list[torch.Tensor], cfg: RAD, seed: int, kind: int, first: int):
-    """RAD sketches of the (B, n) tensors ``rows`` (time steps first, first, ...)."""
-    return [
-        compress(r.unsqueeze(1), cfg, derive_seed(seed, kind, first + i))
-        for i, r in enumerate(rows)
-    ]
+    """RAD sketches of the (B, n) tensors ``rows`` (time steps first, first, ...), in
+    ``cfg.bits``: (the tensors to save, their layout for kbit.unpack_all)."""
+    seeds = [derive_seed(seed, kind, first + i) for i in range(len(rows))]
+    sketches = [compress(r.unsqueeze(1), cfg, s) for r, s in zip(rows, seeds, strict=True)]
+    return kbit.pack_all(sketches, cfg.bits, cfg.group, seeds)
 
 
 def _weight_grad(grad_z: torch.Tensor, stored, n: int, cfg: RAD, seed: int, kind: int, first: int):
@@ -67,11 +68,12 @@ def _sketch_inputs(ctx, x, h0, out, b_ih, b_hh, cfg: RAD, seed: int, w_ih_index:
     :func:`_parameter_grads` needs besides goes to ctx.layer. h_{t-1} starts at step 1 when h0
     is None: a zero initial state adds nothing to dW_hh."""
     need_ih, need_hh = ctx.needs_input_grad[w_ih_index : w_ih_index + 2]
-    xs = _sketch_sequence(list(x), cfg, seed, _INPUT, 0) if need_ih else []
+    xs, x_layout = _sketch_sequence(list(x) if need_ih else [], cfg, seed, _INPUT, 0)
     first = 0 if h0 is not None else 1
     prev = ([h0] if h0 is not None else []) + list(out[:-1])
-    hs = _sketch_sequence(prev, cfg, seed, _HIDDEN, first) if need_hh else []
+    hs, h_layout = _sketch_sequence(prev if need_hh else [], cfg, seed, _HIDDEN, first)
     ctx.layer = (cfg, seed, len(xs), first, w_ih_index, b_ih is not None, b_hh is not None)
+    ctx.layouts = (x_layout, h_layout)
     return xs, hs
 
 
@@ -80,13 +82,15 @@ def _parameter_grads(ctx, grad_z: torch.Tensor, sketches, w_ih: torch.Tensor, w_
     of :func:`_sketch_inputs`, the rest exact (db_ih = db_hh = sum_t dz_t); None where not
     needed."""
     cfg, seed, n_xs, first, w, has_b_ih, has_b_hh = ctx.layer
+    xs = kbit.unpack_all(sketches[:n_xs], ctx.layouts[0])
+    hs = kbit.unpack_all(sketches[n_xs:], ctx.layouts[1])
     need = ctx.needs_input_grad
     grad_x = grad_z @ w_ih if need[0] else None
     grad_w_ih = grad_w_hh = None
     if need[w]:
-        grad_w_ih = _weight_grad(grad_z, sketches[:n_xs], w_ih.shape[1], cfg, seed, _INPUT, 0)
+        grad_w_ih = _weight_grad(grad_z, xs, w_ih.shape[1], cfg, seed, _INPUT, 0)
     if need[w + 1]:
-        grad_w_hh = _weight_grad(grad_z, sketches[n_xs:], w_hh.shape[1], cfg, seed, _HIDDEN, first)
+        grad_w_hh = _weight_grad(grad_z, hs, w_hh.shape[1], cfg, seed, _HIDDEN, first)
     grad_b = grad_z.sum((0, 1)) if has_b_ih or has_b_hh else None
     return (
         grad_x,
