@@ -74,7 +74,7 @@ def test_memory_of_a_builtin_model_by_op(capsys):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("no_such_model", "built-in model name"),
+        ("no_such_model", "unknown model 'no_such_model'"),
         ("no_such_pkg.mod:fn", "cannot import"),
         (f"{__name__}:missing", "has no function"),
         (f"{__name__}:not_a_pair", "returned Linear"),

@@ -148,11 +148,12 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
         size = None
     else:
-        from randprop.models import MODELS, build_model
+        from randprop.models import build_model
 
-        if args.model not in MODELS:
-            raise ValueError(f"--model {args.model!r}: expected {MODEL_FORMS}")
-        model = build_model(args.model)
+        try:
+            model = build_model(args.model)
+        except ValueError as err:
+            raise ValueError(f"--model: {err}; or give {MODEL_FORMS}") from None
         x, y = _batch(args.model, args.batch, args.seed)
 
         def loss_of(m: torch.nn.Module) -> torch.Tensor:
