@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -71,35 +71,126 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_FORMS = (
+    "a built-in model name (randprop list) or package.module:function, the function returning "
+    "(model, batch) with model(batch) (model(*batch) for a tuple, model(**batch) for a dict) "
+    "giving the loss or an output with .loss, or (model, batch, loss_fn) with "
+    "loss_fn(model, batch) giving the loss"
+)
+
+
+def load_model_spec(spec: str) -> tuple[torch.nn.Module, object, Callable | None]:
+    """``--model package.module:function``: import it, call it, check what it returned."""
+    import importlib
+
+    module_name, _, fn_name = spec.partition(":")
+    if not module_name or not fn_name.isidentifier():
+        raise ValueError(f"--model {spec!r}: expected {MODEL_FORMS}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"--model {spec!r}: cannot import {module_name!r} ({err})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"--model {spec!r}: {module_name} has no function {fn_name!r}")
+    made = fn()
+    if not (isinstance(made, tuple) and len(made) in (2, 3)):
+        raise ValueError(
+            f"--model {spec!r}: {fn_name}() returned {type(made).__name__}; expected {MODEL_FORMS}"
+        )
+    model, batch, loss_fn = (*made, None)[:3]
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"--model {spec!r}: the model must be an nn.Module; got {type(model)}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"--model {spec!r}: loss_fn must be callable (model, batch) -> loss")
+    return model, batch, loss_fn
+
+
+def _spec_loss(model: torch.nn.Module, batch, loss_fn: Callable | None) -> torch.Tensor:
+    if loss_fn is not None:
+        return loss_fn(model, batch)
+    if isinstance(batch, dict):
+        out = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = model(*batch)
+    else:
+        out = model(batch)
+    loss = getattr(out, "loss", out)
+    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+        raise ValueError(
+            "--model: the model's output is not a scalar loss (nor has one as .loss); return "
+            "(model, batch, loss_fn) with loss_fn(model, batch) giving the loss"
+        )
+    return loss
+
+
+def _saved(model: torch.nn.Module, loss_of: Callable) -> dict:
+    """Bytes saved for backward by one forward (then backward) of ``model``: peak, by module,
+    by op."""
+    from randprop.measure.saved import saved_by_op, track_saved
+
+    with track_saved(model) as saved:
+        loss = loss_of(model)
+    by_op = saved_by_op(loss, model)
+    loss.backward()
+    return {"bytes": saved.bytes, "by_module": saved.by_module, "by_op": by_op}
+
+
 def cmd_memory(args: argparse.Namespace) -> int:
-    from randprop.measure.profile import converted_copy, saved_for_backward
-    from randprop.models import build_model
+    from randprop.measure.profile import converted_copy
 
     method = parse_method(args.method)
-    model = build_model(args.model)
-    x, y = _batch(args.model, args.batch, args.seed)
-    exact = saved_for_backward(converted_copy(model, "exact"), x, y)
-    estimate = saved_for_backward(converted_copy(model, method, args.seed), x, y)
+    if ":" in args.model:
+        model, batch, loss_fn = load_model_spec(args.model)
+
+        def loss_of(m: torch.nn.Module) -> torch.Tensor:
+            return _spec_loss(m, batch, loss_fn)
+
+        size = None
+    else:
+        from randprop.models import build_model
+
+        try:
+            model = build_model(args.model)
+        except ValueError as err:
+            raise ValueError(f"--model: {err}; or give {MODEL_FORMS}") from None
+        x, y = _batch(args.model, args.batch, args.seed)
+
+        def loss_of(m: torch.nn.Module) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(m(x), y)
+
+        size = args.batch
+    exact = _saved(converted_copy(model, "exact"), loss_of)
+    estimate = _saved(converted_copy(model, method, args.seed), loss_of)
     result = {
         "model": args.model,
         "method": str(method),
-        "batch": args.batch,
-        "exact_bytes": exact.bytes,
-        "method_bytes": estimate.bytes,
-        "ratio": exact.bytes / max(estimate.bytes, 1),
-        "by_module": {"exact": exact.by_module, "method": estimate.by_module},
+        "batch": size,
+        "exact_bytes": exact["bytes"],
+        "method_bytes": estimate["bytes"],
+        "ratio": exact["bytes"] / max(estimate["bytes"], 1),
     }
+    for by in ("module", "op"):
+        if args.by in (by, "both"):
+            result[f"by_{by}"] = {"exact": exact[f"by_{by}"], "method": estimate[f"by_{by}"]}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"model {args.model}, batch {args.batch}: bytes saved for backward")
-    print(f"{'module':<12} {'exact':>14} {'method':>14}")
-    for name in sorted(set(exact.by_module) | set(estimate.by_module)):
-        print(
-            f"{name or '<top>':<12} {exact.by_module.get(name, 0):>14,} "
-            f"{estimate.by_module.get(name, 0):>14,}"
-        )
-    print(f"{'most at once':<12} {exact.bytes:>14,} {estimate.bytes:>14,}")
+    batch_text = "" if size is None else f", batch {size}"
+    print(f"model {args.model}{batch_text}: bytes saved for backward")
+    for by in ("module", "op"):
+        if f"by_{by}" not in result:
+            continue
+        table = result[f"by_{by}"]
+        names = sorted(set(table["exact"]) | set(table["method"]))
+        width = max(12, *(len(n) for n in names))
+        print(f"{by:<{width}} {'exact':>14} {'method':>14}")
+        for name in names:
+            print(
+                f"{name or '<top>':<{width}} {table['exact'].get(name, 0):>14,} "
+                f"{table['method'].get(name, 0):>14,}"
+            )
+    print(f"{'most at once':<12} {exact['bytes']:>14,} {estimate['bytes']:>14,}")
     print(f"{method}: {result['ratio']:.2f}x less than exact")
     return 0
 
@@ -141,13 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("check", cmd_check, "gradient bias, variance and cosine against exact backprop"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--model", default="mlp")
+        p.add_argument("--model", default="mlp", help="a built-in model or package.module:function")
         p.add_argument("--method", default="rad:keep=0.1", help='e.g. "rad:keep=0.1,mode=project"')
         p.add_argument("--batch", type=int_at_least(1), default=150)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", action="store_true")
         if name == "check":
             p.add_argument("--draws", type=int_at_least(2), default=50)
+        else:
+            p.add_argument(
+                "--by", choices=("module", "op", "both"), default="both",
+                help="break the saved bytes down by module, by op, or both",
+            )  # fmt: skip
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("bench", help="run a benchmark suite (see `randprop list`)")

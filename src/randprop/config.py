@@ -17,6 +17,12 @@ from typing import Any, ClassVar, overload
 
 METHODS: dict[str, type[MethodConfig]] = {}
 
+#: key of :func:`register_layers` for transformers' ``Conv1D`` (GPT-2's projections, y = x W + b
+#: with W of shape (in, out)), recognised by duck typing so that randprop never imports
+#: transformers (see randprop.methods.projections.is_conv1d); its layer class is a mixin that
+#: convert combines with the model's own Conv1D class
+CONV1D = "Conv1D"
+
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
@@ -27,7 +33,7 @@ class MethodConfig:
     saves_memory: ClassVar[bool] = True
     #: torch layer type -> the randprop class replacing it (filled by :func:`register_layers`;
     #: each config class has its own)
-    layer_types: ClassVar[dict[type, type]] = {}
+    layer_types: ClassVar[dict[type | str, type]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -71,12 +77,20 @@ def register(cls=None, *, aliases=()):
     return add if cls is None else add(cls)
 
 
-def register_layers(config_cls: ConfigT, layers: Mapping[type, type]) -> None:
+def register_layers(config_cls: ConfigT, layers: Mapping[type | str, type]) -> None:
     """Make ``config_cls`` convert each torch layer type in ``layers`` to its randprop class
     (a subclass of that type keeping the layer protocol of randprop.methods.base); called once
-    per method, where its layer classes are defined."""
+    per method, where its layer classes are defined. The key :data:`CONV1D` stands for
+    transformers' Conv1D, its value a mixin class (not a subclass of Conv1D)."""
     for module_type, layer_cls in layers.items():
-        if not (isinstance(layer_cls, type) and issubclass(layer_cls, module_type)):
+        if module_type == CONV1D:
+            if not isinstance(layer_cls, type):
+                raise TypeError(f"register_layers: {layer_cls!r} for {CONV1D} must be a class")
+        elif isinstance(module_type, str):
+            raise TypeError(
+                f"register_layers: keys must be layer types or {CONV1D!r}; got {module_type!r}"
+            )
+        elif not (isinstance(layer_cls, type) and issubclass(layer_cls, module_type)):
             raise TypeError(
                 f"register_layers: {getattr(layer_cls, '__name__', layer_cls)!r} must be a "
                 f"subclass of the layer type it replaces, {module_type.__name__}"
@@ -85,7 +99,7 @@ def register_layers(config_cls: ConfigT, layers: Mapping[type, type]) -> None:
         if known is not layer_cls:
             raise ValueError(
                 f"register_layers: {config_cls.__name__} already converts "
-                f"{module_type.__name__} to {known.__name__}"
+                f"{getattr(module_type, '__name__', module_type)} to {known.__name__}"
             )
         config_cls.layer_types[module_type] = layer_cls
 

@@ -17,11 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from randprop.config import METHODS, MethodConfig, check_seed, parse_method
+from randprop.config import CONV1D, METHODS, MethodConfig, check_seed, parse_method
 from randprop.methods.activations import activation_class, is_activation
 from randprop.methods.base import ConvertedLayer, RandomizedLayer
 from randprop.methods.exact import Exact
 from randprop.methods.masks import MASKED
+from randprop.methods.projections import is_conv1d
 from randprop.random import name_id
 
 MethodSpec = MethodConfig | str | Mapping[str, MethodConfig | str]
@@ -62,7 +63,9 @@ def _method_for(name: str, method: MethodSpec) -> tuple[MethodConfig | None, str
 
 def _is_candidate(module: nn.Module) -> bool:
     """Modules worth a line in the report: known layer types and leaves holding parameters."""
-    if isinstance(module, (*MASKED, nn.Linear, nn.modules.conv._ConvNd)) or is_activation(module):
+    if isinstance(module, (*MASKED, nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)):
+        return True
+    if is_conv1d(module) or is_activation(module):
         return True
     has_children = next(module.children(), None) is not None
     return not has_children and next(module.parameters(recurse=False), None) is not None
@@ -140,7 +143,8 @@ def convert(
         if cfg is None:
             report.skipped[name] = reason
             continue
-        new_class, reason = _target_class(module, cfg, activation_masks)
+        parent = model.get_submodule(name.rpartition(".")[0]) if name else None
+        new_class, reason = _target_class(module, cfg, activation_masks, parent)
         if new_class is None:
             report.skipped[name] = reason
             continue
@@ -201,9 +205,16 @@ def _patterns(target_modules: str | Sequence[str] | None) -> tuple[str, ...] | N
     return patterns
 
 
+#: why convert leaves a layer type (and its subclasses) alone whatever the method
+_NOTHING_TO_COMPRESS = {
+    nn.Embedding: "Embedding: backward keeps only the int indices; nothing to compress",
+}
+
+
 def _target_class(
-    module: nn.Module, cfg: MethodConfig, activation_masks: bool
+    module: nn.Module, cfg: MethodConfig, activation_masks: bool, parent: nn.Module | None
 ) -> tuple[type | None, str]:
+    """The class to swap in for ``module`` (a child of ``parent``), or None and the reason."""
     kind = type(module)
     compact = (MASKED[kind], "") if kind in MASKED else activation_class(module)
     if compact is not None:
@@ -217,14 +228,27 @@ def _target_class(
         return combined_class(new_class, kind), ""  # a mixin for a class known by duck typing
     if isinstance(cfg, Exact):
         return None, "exact: kept as plain PyTorch"
+    for layer_type, reason in _NOTHING_TO_COMPRESS.items():
+        if isinstance(module, layer_type):
+            return None, reason
+    if is_conv1d(module):
+        mixin = cfg.layer_types.get(CONV1D)
+        if mixin is None:
+            return None, f"{cfg.name} does not support transformers' Conv1D; kept exact"
+        new_class, reason = _target_class_of(module, mixin)
+        return (None, reason) if new_class is None else (combined_class(new_class, kind), "")
+    if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj:
+        if not isinstance(parent, ConvertedLayer):
+            return None, (
+                "MultiheadAttention uses this Linear's weight directly unless it is converted "
+                f"too ({cfg.name} does not convert it here); kept exact"
+            )
     new_class = cfg.layer_class(kind)
     if new_class is not None:
         return _target_class_of(module, new_class)
     base = next((b for b in kind.__mro__[1:] if cfg.layer_class(b) is not None), None)
     if base is None:
         return None, f"{cfg.name} does not support {kind.__name__}; kept exact"
-    if kind is nn.modules.linear.NonDynamicallyQuantizableLinear:
-        return None, "MultiheadAttention uses this Linear's weight directly; kept exact"
     if kind.forward is not base.forward:
         return None, f"subclass of {base.__name__} with its own forward; kept exact"
     new_class, reason = _target_class_of(module, cfg.layer_class(base))

@@ -17,6 +17,7 @@ from randprop import functional as rpf
 from randprop.config import METHODS
 from randprop.methods.base import RandomizedLayer, torch_class
 from randprop.methods.masks import MASKED
+from randprop.methods.projections import Conv1DLayer, MultiheadAttentionLayer
 from randprop.methods.rad import RADLSTM, RADRNN, RADConv2d, RADLinear
 from randprop.random import name_id
 
@@ -44,6 +45,8 @@ RECIPES = {
     nn.Dropout2d: ((0.0,), {}, (2, 3, 6, 6)),
     nn.Dropout3d: ((0.0,), {}, (1, 2, 4, 4, 4)),
 }
+#: mixins for transformers' Conv1D and MultiheadAttention's projections, not built on their own
+PROJECTIONS = (Conv1DLayer, MultiheadAttentionLayer)
 #: a method string per config class (an input-exact setting where the method has one)
 METHOD_TEXT = {
     rp.RAD: "rad:keep=0.5",
@@ -58,7 +61,7 @@ LAYERS = sorted(
         (cls, cfg)
         for cfg in set(METHODS.values())
         for cls in cfg.layer_types.values()
-        if cfg in METHOD_TEXT
+        if cfg in METHOD_TEXT and not issubclass(cls, PROJECTIONS)  # test_projections.py
     }
     | {(cls, None) for cls in MASKED.values()},
     key=lambda pair: pair[0].__name__,

@@ -122,3 +122,57 @@ class track_saved:  # noqa: N801 (a context manager used like a function, as tor
             handle.remove()
         self._handles.clear()
         self.by_module = dict(self.by_module)
+
+
+def saved_by_op(
+    output: torch.Tensor, model: nn.Module | None = None, *, exclude: Iterable[torch.Tensor] = ()
+) -> dict[str, int]:
+    """Bytes held for backward by the graph of ``output``, by the op that saved them: {op name:
+    bytes}, the op named by its backward node (``AddmmBackward0`` -> ``Addmm``, a custom
+    Function by its class, ``_RADLinearFnBackward`` -> ``_RADLinearFn``). Call it after the
+    forward, before backward. Each storage counts once (for the first node that holds it, in
+    graph order from ``output``); ``model``'s parameters and buffers (without a model: every
+    nn.Parameter) and ``exclude`` do not count, as in :class:`track_saved`."""
+    state = [*model.parameters(), *model.buffers()] if model is not None else []
+    excluded = {track_saved._key(t) for t in (*state, *exclude)}
+    seen: set[tuple] = set()
+    by_op: dict[str, int] = defaultdict(int)
+    stack, visited = [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+        name = type(node).__name__
+        name = name[: name.rindex("Backward")] if "Backward" in name else name
+        for t in _node_saved(node):
+            key = track_saved._key(t)
+            base = t._base if t._base is not None else t
+            parameter = model is None and isinstance(base, nn.Parameter)
+            if key in seen or key in excluded or parameter or t.layout != torch.strided:
+                continue
+            seen.add(key)
+            by_op[name] += key[3]
+    return dict(sorted(by_op.items(), key=lambda item: -item[1]))
+
+
+def _node_saved(node) -> list[torch.Tensor]:
+    """The tensors an autograd node holds: ``_saved_*`` attributes of a built-in node, the
+    saved_tensors of a custom Function's."""
+    if hasattr(node, "saved_tensors"):
+        try:
+            return [t for t in node.saved_tensors if isinstance(t, torch.Tensor)]
+        except RuntimeError:  # already freed, or not unpackable twice (checkpoint)
+            return []
+    found = []
+    for attr in dir(node):
+        if not attr.startswith("_saved_"):
+            continue
+        try:
+            value = getattr(node, attr)
+        except RuntimeError:
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        found.extend(v for v in values if isinstance(v, torch.Tensor))
+    return found

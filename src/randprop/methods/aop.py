@@ -64,7 +64,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_choice, check_fraction, register, register_layers
+from randprop.config import (
+    CONV1D,
+    MethodConfig,
+    check_choice,
+    check_fraction,
+    register,
+    register_layers,
+)
 from randprop.methods.base import (
     LayerState,
     RandomizedLayer,
@@ -72,6 +79,7 @@ from randprop.methods.base import (
     method_config,
     weight_node,
 )
+from randprop.methods.projections import Conv1DLayer
 
 POLICIES = ("topk", "weighted", "random")
 MEMORIES = ("rows", "queue", "off")
@@ -359,10 +367,25 @@ class AOPLinear(LayerState, RandomizedLayer, nn.Linear):
     rp_counters = AOPMemory.rp_counters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _active(self.rp_method, x, self.weight):
-            return F.linear(x, self.weight, self.bias)
+        return self.rp_linear(x, self.weight, self.bias)
+
+    def rp_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x weight^T + bias with AOP's gradients (plain F.linear when none is needed)."""
+        if not _active(self.rp_method, x, weight):
+            return F.linear(x, weight, bias)
         seed = self.rp_next_seed()
-        return aop_linear(x, self.weight, self.bias, method=self.rp_method, seed=seed, memory=self)
+        return aop_linear(x, weight, bias, method=self.rp_method, seed=seed, memory=self)
 
 
-register_layers(AOP, {nn.Linear: AOPLinear})
+class AOPConv1D(LayerState, Conv1DLayer):
+    """transformers' Conv1D with Mem-AOP-GD gradients (combined with the model's Conv1D
+    class); its memory is layer state as AOPLinear's."""
+
+    rp_buffers = AOPMemory.rp_buffers
+    rp_counters = AOPMemory.rp_counters
+    rp_linear = AOPLinear.rp_linear
+
+
+register_layers(AOP, {nn.Linear: AOPLinear, CONV1D: AOPConv1D})

@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_fraction, quiet_field, register, register_layers
+from randprop.config import (
+    CONV1D,
+    MethodConfig,
+    check_fraction,
+    quiet_field,
+    register,
+    register_layers,
+)
 from randprop.methods import kbit
 from randprop.methods.base import (
     Handoff,
@@ -48,6 +55,7 @@ from randprop.methods.base import (
     method_config,
     weight_node,
 )
+from randprop.methods.projections import Conv1DLayer
 
 
 @register
@@ -223,10 +231,23 @@ class CRSLinear(LayerState, RandomizedLayer, nn.Linear):
     rp_buffers = CRSState.rp_buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.rp_needs_weight_grad():
-            return F.linear(x, self.weight, self.bias)
+        return self.rp_linear(x, self.weight, self.bias)
+
+    def rp_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x weight^T + bias with CRS's weight gradient (plain F.linear when none is needed)."""
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return F.linear(x, weight, bias)
         seed = self.rp_next_seed()
-        return crs_linear(x, self.weight, self.bias, method=self.rp_method, seed=seed, state=self)
+        return crs_linear(x, weight, bias, method=self.rp_method, seed=seed, state=self)
 
 
-register_layers(CRS, {nn.Linear: CRSLinear})
+class CRSConv1D(LayerState, Conv1DLayer):
+    """transformers' Conv1D with CRS weight gradients (combined with the model's Conv1D class)."""
+
+    rp_buffers = CRSState.rp_buffers
+    rp_linear = CRSLinear.rp_linear
+
+
+register_layers(CRS, {nn.Linear: CRSLinear, CONV1D: CRSConv1D})

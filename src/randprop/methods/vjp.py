@@ -35,6 +35,7 @@ from torch import nn
 
 from randprop import random as rnd
 from randprop.config import (
+    CONV1D,
     MethodConfig,
     check_choice,
     check_fraction,
@@ -54,6 +55,7 @@ from randprop.methods.base import (
     saved_weight,
     weight_to_save,
 )
+from randprop.methods.projections import Conv1DLayer, MultiheadAttentionLayer
 
 SKETCHES = ("uniform", "optimal", "lowrank", "gaussian")
 PROJECTIONS = ("lowrank", "gaussian")
@@ -360,10 +362,10 @@ def vjp_linear(
     return _VJPLinearFn.apply(x, weight, bias, cfg, seed)
 
 
-def _needs_sketch(layer: nn.Module, x: torch.Tensor) -> bool:
+def _needs_sketch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """False in eval / no_grad or when nothing upstream wants a gradient: then the plain
     forward runs and no seed is drawn."""
-    params = (p for p in (layer.weight, layer.bias) if p is not None)
+    params = (p for p in (weight, bias) if p is not None)
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
@@ -371,10 +373,31 @@ class VJPLinear(RandomizedLayer, nn.Linear):
     """nn.Linear whose output gradient passes through an unbiased SparseVJP sketch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _needs_sketch(self, x):
-            return F.linear(x, self.weight, self.bias)
+        return self.rp_linear(x, self.weight, self.bias)
+
+    def rp_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x weight^T + bias with its output gradient sketched (plain F.linear when no
+        gradient is needed)."""
+        if not _needs_sketch(x, weight, bias):
+            return F.linear(x, weight, bias)
         seed = self.rp_next_seed()
-        return vjp_linear(x, self.weight, self.bias, method=self.rp_method, seed=seed)
+        return vjp_linear(x, weight, bias, method=self.rp_method, seed=seed)
+
+
+class VJPConv1D(Conv1DLayer):
+    """transformers' Conv1D whose output gradient passes through an unbiased SparseVJP sketch
+    (combined with the model's Conv1D class)."""
+
+    rp_linear = VJPLinear.rp_linear
+
+
+class VJPMultiheadAttention(MultiheadAttentionLayer, nn.MultiheadAttention):
+    """nn.MultiheadAttention whose in-projection's output gradient passes through an unbiased
+    SparseVJP sketch (its out_proj is converted as a Linear)."""
+
+    rp_linear = VJPLinear.rp_linear
 
 
 # --- Conv -----------------------------------------------------------------------------------
@@ -562,7 +585,7 @@ class _VJPConvNd(RandomizedConvNd):
     rp_conv = staticmethod(vjp_conv)
 
     def rp_active(self, x: torch.Tensor) -> bool:
-        return _needs_sketch(self, x)
+        return _needs_sketch(x, self.weight, self.bias)
 
 
 class VJPConv1d(_VJPConvNd, nn.Conv1d):
@@ -579,5 +602,12 @@ class VJPConv3d(_VJPConvNd, nn.Conv3d):
 
 register_layers(
     SparseVJP,
-    {nn.Linear: VJPLinear, nn.Conv1d: VJPConv1d, nn.Conv2d: VJPConv2d, nn.Conv3d: VJPConv3d},
+    {
+        nn.Linear: VJPLinear,
+        nn.Conv1d: VJPConv1d,
+        nn.Conv2d: VJPConv2d,
+        nn.Conv3d: VJPConv3d,
+        CONV1D: VJPConv1D,
+        nn.MultiheadAttention: VJPMultiheadAttention,
+    },
 )

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from randprop.config import register_layers
+from randprop.config import CONV1D, register_layers
 from randprop.methods.base import RandomizedConvNd, RandomizedLayer
+from randprop.methods.projections import Conv1DLayer, MultiheadAttentionLayer
 from randprop.methods.rad.config import RAD
 from randprop.methods.rad.functional import rad_conv, rad_linear
 
@@ -16,11 +17,28 @@ class RADLinear(RandomizedLayer, nn.Linear):
     """nn.Linear with RAD weight gradients."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.rp_needs_weight_grad():
-            return F.linear(x, self.weight, self.bias)
-        return rad_linear(
-            x, self.weight, self.bias, method=self.rp_method, seed=self.rp_next_seed()
-        )
+        return self.rp_linear(x, self.weight, self.bias)
+
+    def rp_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x weight^T + bias with RAD's weight gradient (plain F.linear when none is needed)."""
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return F.linear(x, weight, bias)
+        return rad_linear(x, weight, bias, method=self.rp_method, seed=self.rp_next_seed())
+
+
+class RADConv1D(Conv1DLayer):
+    """transformers' Conv1D with RAD weight gradients (combined with the model's Conv1D class)."""
+
+    rp_linear = RADLinear.rp_linear
+
+
+class RADMultiheadAttention(MultiheadAttentionLayer, nn.MultiheadAttention):
+    """nn.MultiheadAttention with RAD weight gradients for its in-projection (its out_proj is
+    converted as a Linear)."""
+
+    rp_linear = RADLinear.rp_linear
 
 
 class _RADConvNd(RandomizedConvNd):
@@ -40,5 +58,13 @@ class RADConv3d(_RADConvNd, nn.Conv3d):
 
 
 register_layers(
-    RAD, {nn.Linear: RADLinear, nn.Conv1d: RADConv1d, nn.Conv2d: RADConv2d, nn.Conv3d: RADConv3d}
+    RAD,
+    {
+        nn.Linear: RADLinear,
+        nn.Conv1d: RADConv1d,
+        nn.Conv2d: RADConv2d,
+        nn.Conv3d: RADConv3d,
+        CONV1D: RADConv1D,
+        nn.MultiheadAttention: RADMultiheadAttention,
+    },
 )
