@@ -113,7 +113,7 @@ def test_gpt2_conv1d_forward_and_gradient_exact_at_keep_one():
     model, batch = gpt2()
     model = model.double()
     plain = copy.deepcopy(model)
-    rp.convert(model, "rad:keep=1.0")
+    rp.convert(model, "rad:keep=1.0", activation_masks=False)  # GELU's k-bit form is not exact
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "RADConv1D_Conv1D"
     model(**batch).loss.backward()
     plain(**batch).loss.backward()
