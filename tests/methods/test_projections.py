@@ -12,7 +12,7 @@ from torch import nn
 
 import randprop as rp
 
-LINEAR_METHODS = ["rad:keep=0.5", "crs:keep=0.5", "aop:keep=0.5", "vjp:density=0.5"]
+LINEAR_METHODS = ["rad:keep=0.5", "crs:keep=0.5", "aop:keep=0.5", "vjp:density=0.5", "quant:bits=2"]
 
 
 class Conv1D(nn.Module):
@@ -151,7 +151,9 @@ def test_multihead_attention_is_causal_unbatched_and_no_grad_match():
         torch.testing.assert_close(model(x, x, x)[0], plain(x, x, x)[0])
 
 
-@pytest.mark.parametrize("method, control", [("rad:keep=0.5", 1.1), ("vjp:density=0.5", 1.3)])
+@pytest.mark.parametrize(
+    "method, control", [("rad:keep=0.5", 1.1), ("vjp:density=0.5", 1.3), ("quant:bits=2", 1.1)]
+)
 @pytest.mark.parametrize("cross", [False, "qkv"])
 def test_multihead_attention_gradients_unbiased(method, control, cross):
     """Unbiased; and a scale error of ``control`` is rejected from the same draws (power)."""

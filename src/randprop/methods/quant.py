@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, register, register_layers
+from randprop.config import CONV1D, MethodConfig, register, register_layers
 from randprop.methods.base import (
     RandomizedConvNd,
     RandomizedLayer,
@@ -37,6 +37,7 @@ from randprop.methods.base import (
     saved_weight,
     weight_to_save,
 )
+from randprop.methods.projections import Conv1DLayer, MultiheadAttentionLayer
 from randprop.quantize import QuantizedTensor, check_bits, quantize
 
 
@@ -148,11 +149,29 @@ class QuantLinear(RandomizedLayer, nn.Linear):
     """nn.Linear storing its input in k-bit codes for the weight gradient."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.rp_needs_weight_grad():
-            return F.linear(x, self.weight, self.bias)
-        return quant_linear(
-            x, self.weight, self.bias, method=self.rp_method, seed=self.rp_next_seed()
-        )
+        return self.rp_linear(x, self.weight, self.bias)
+
+    def rp_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x weight^T + bias with a k-bit input for the weight gradient (plain F.linear when
+        none is needed)."""
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return F.linear(x, weight, bias)
+        return quant_linear(x, weight, bias, method=self.rp_method, seed=self.rp_next_seed())
+
+
+class QuantConv1D(Conv1DLayer):
+    """transformers' Conv1D with a k-bit input (combined with the model's Conv1D class)."""
+
+    rp_linear = QuantLinear.rp_linear
+
+
+class QuantMultiheadAttention(MultiheadAttentionLayer, nn.MultiheadAttention):
+    """nn.MultiheadAttention whose in-projection stores a k-bit input (its out_proj is
+    converted as a Linear)."""
+
+    rp_linear = QuantLinear.rp_linear
 
 
 # --- Conv -----------------------------------------------------------------------------------
@@ -283,5 +302,7 @@ register_layers(
         nn.Conv1d: QuantConv1d,
         nn.Conv2d: QuantConv2d,
         nn.Conv3d: QuantConv3d,
+        CONV1D: QuantConv1D,
+        nn.MultiheadAttention: QuantMultiheadAttention,
     },
 )
