@@ -22,6 +22,7 @@ from randprop.config import METHODS, MethodConfig, parse_method
 from randprop.methods.base import ConvertedLayer, RandomizedLayer
 from randprop.methods.exact import Exact
 from randprop.methods.masks import MASKED
+from randprop.methods.norms import norm_class
 from randprop.random import name_id
 
 MethodSpec = MethodConfig | str | Mapping[str, MethodConfig | str]
@@ -65,6 +66,8 @@ def _is_candidate(module: nn.Module) -> bool:
     if isinstance(module, (*MASKED, nn.Linear, nn.modules.conv._ConvNd)):
         return True
     has_children = next(module.children(), None) is not None
+    if norm_class(module) is not None:  # norms without parameters too
+        return True
     return not has_children and next(module.parameters(recurse=False), None) is not None
 
 
@@ -216,6 +219,13 @@ def _target_class(
         return MASKED[kind], ""
     if isinstance(cfg, Exact):
         return None, "exact: kept as plain PyTorch"
+    norm = norm_class(module)  # k-bit normalised input (randprop.methods.norms)
+    if norm is not None:
+        if not cfg.saves_memory:
+            return None, f"{cfg.name} keeps activations exact as stored by PyTorch"
+        if not activation_masks:
+            return None, "activation_masks=False"
+        return (norm if issubclass(norm, kind) else combined_class(norm, kind)), ""
     new_class = cfg.layer_class(kind)
     if new_class is not None:
         return _target_class_of(module, new_class)

@@ -5,13 +5,16 @@ padding 'same' and 'valid'), then the keywords ``method`` (a config of the metho
 form) and ``seed``: ``rad_conv2d(x, w, b, stride=2, padding=1, method="rad:keep=0.2", seed=3)``.
 The forms with state across steps take its holder: ``aop_linear(..., memory=rp.AOPMemory())``,
 ``crs_linear(..., state=rp.CRSState())``. ``attention`` is F.scaled_dot_product_attention saving
-no L x S tensor for backward (dropout by seed).
+no L x S tensor for backward (dropout by seed). ``layer_norm``, ``rms_norm``, ``batch_norm``,
+``group_norm`` (and LLaMA's ``llama_rms_norm``) store the normalised input in ``bits`` bits,
+stochastic rounding from ``seed``.
 """
 
 from randprop.methods.aop import aop_linear
 from randprop.methods.attention import attention
 from randprop.methods.crs import crs_linear
 from randprop.methods.masks import leaky_relu, relu
+from randprop.methods.norms import batch_norm, group_norm, layer_norm, llama_rms_norm, rms_norm
 from randprop.methods.rad import (
     rad_conv,
     rad_conv1d,
@@ -34,8 +37,12 @@ from randprop.methods.vjp import (
 __all__ = [
     "aop_linear",
     "attention",
+    "batch_norm",
     "crs_linear",
+    "group_norm",
+    "layer_norm",
     "leaky_relu",
+    "llama_rms_norm",
     "rad_conv",
     "rad_conv1d",
     "rad_conv2d",
@@ -44,6 +51,7 @@ __all__ = [
     "rad_lstm",
     "rad_relu_rnn",
     "relu",
+    "rms_norm",
     "sparse_vjp",
     "trace_conv",
     "trace_conv1d",
