@@ -30,10 +30,10 @@ def test_convert_swaps_classes_in_place_and_shares_parameters():
     assert isinstance(model[3], RADLinear) and isinstance(model[1], MaskedReLU)
     assert all(p is params[n] for n, p in model.named_parameters())
     assert list(model.state_dict()) == keys
-    assert report.converted == ["0", "1", "3", "4", "6"]
-    assert report.skipped == {"5": "rad does not support LayerNorm; kept exact"}
+    assert report.converted == ["0", "1", "3", "4", "5", "6"]  # 5: the k-bit LayerNorm
+    assert report.skipped == {}
     text = str(report)
-    assert "converted: rad:keep=0.1" in text and "LayerNorm" in text and "5 converted" in text
+    assert "converted: rad:keep=0.1" in text and "LayerNorm" in text and "6 converted" in text
 
 
 def test_state_dict_round_trips_between_plain_and_converted():
@@ -57,7 +57,7 @@ def test_pretrained_weights_are_kept_and_restore_gives_plain_layers():
     rp.convert(model, rp.RAD())
     torch.testing.assert_close(model(x), expected)
     restored = rp.restore(model)
-    assert set(restored) == {"0", "1", "3", "4", "6"}
+    assert set(restored) == {"0", "1", "3", "4", "5", "6"}
     assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.ReLU
     assert not hasattr(model[0], "rp_method")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -124,7 +124,7 @@ def test_layer_ids_and_method_state_round_trip():
     assert [model[i].rp_layer for i in (0, 3, 6)] == [rp.random.name_id(n) for n in "036"]
     model(torch.randn(2, 1, 8, 8))
     state = rp.method_state(model)
-    assert state == {"0": 1, "3": 1, "6": 1}
+    assert state == {"0": 1, "3": 1, "5": 1, "6": 1}  # 5: the k-bit LayerNorm's seed stream
     other = small_model()
     rp.convert(other, rp.RAD(), seed=3)
     rp.load_method_state(other, state)

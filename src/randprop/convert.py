@@ -22,6 +22,7 @@ from randprop.methods.activations import activation_class, is_activation
 from randprop.methods.base import ConvertedLayer, RandomizedLayer
 from randprop.methods.exact import Exact
 from randprop.methods.masks import MASKED
+from randprop.methods.norms import norm_class
 from randprop.methods.projections import is_conv1d
 from randprop.random import name_id
 
@@ -68,6 +69,8 @@ def _is_candidate(module: nn.Module) -> bool:
     if is_conv1d(module) or is_activation(module):
         return True
     has_children = next(module.children(), None) is not None
+    if norm_class(module) is not None:  # norms without parameters too
+        return True
     return not has_children and next(module.parameters(recurse=False), None) is not None
 
 
@@ -89,10 +92,12 @@ def convert(
     target_modules: fnmatch patterns of module names to convert (as in PEFT); a single string
         is one pattern.
     seed: run seed of every random draw (with layer id, step and rank): an int.
-    activation_masks: swap ReLU / LeakyReLU for their exact 1-bit-mask versions, smooth
-        activations (GELU, SiLU, tanh, sigmoid; transformers' by class name) and gated MLPs
-        for versions storing k-bit derivatives (randprop.methods.activations), under
-        memory-saving methods.
+    activation_masks: under memory-saving methods, also swap the activation-like modules for
+        compact forms: ReLU / LeakyReLU for exact 1-bit masks, max / average pooling for
+        offsets / shapes, dropout for a seeded mask that stores nothing, smooth activations
+        (GELU, SiLU, tanh, sigmoid; transformers' by class name) and gated MLPs for k-bit
+        derivatives, LayerNorm / RMSNorm / BatchNorm / GroupNorm for a k-bit normalised input
+        (unbiased weight gradients; see methods.activations and methods.norms).
     prefix: the qualified name of ``model`` inside a larger model, when converting a part of it.
 
     Layer ids: a layer's draws depend on (seed, id, step, rank), with id the stable 63-bit hash
@@ -211,12 +216,22 @@ _NOTHING_TO_COMPRESS = {
 }
 
 
+def _compact_class(module: nn.Module) -> tuple[type | None, str] | None:
+    """The compact form of an activation-like module (1-bit masks, pooling offsets, seeded
+    dropout, k-bit derivatives of smooth activations, k-bit normalised inputs) with the reason
+    where it has none; None for other modules."""
+    if type(module) in MASKED:
+        return MASKED[type(module)], ""
+    norm = norm_class(module)
+    return (norm, "") if norm is not None else activation_class(module)
+
+
 def _target_class(
     module: nn.Module, cfg: MethodConfig, activation_masks: bool, parent: nn.Module | None
 ) -> tuple[type | None, str]:
     """The class to swap in for ``module`` (a child of ``parent``), or None and the reason."""
     kind = type(module)
-    compact = (MASKED[kind], "") if kind in MASKED else activation_class(module)
+    compact = _compact_class(module)
     if compact is not None:
         if not cfg.saves_memory:
             return None, f"{cfg.name} keeps activations exact as stored by PyTorch"

@@ -7,6 +7,8 @@ The forms with state across steps take its holder: ``aop_linear(..., memory=rp.A
 ``crs_linear(..., state=rp.CRSState())``. ``attention`` is F.scaled_dot_product_attention saving
 no L x S tensor for backward (dropout by seed). The smooth activations and gates (gelu, silu, tanh,
 sigmoid, swiglu, geglu) take ``bits`` and ``seed``: they store their derivative in k bits.
+``layer_norm``, ``rms_norm``, ``batch_norm``, ``group_norm`` (and LLaMA's ``llama_rms_norm``)
+store the normalised input in ``bits`` bits, stochastic rounding from ``seed``.
 """
 
 from randprop.methods.activations import geglu, gelu, sigmoid, silu, swiglu, tanh
@@ -16,6 +18,7 @@ from randprop.methods.crs import crs_linear
 from randprop.methods.dropout import dropout
 from randprop.methods.loss import linear_cross_entropy
 from randprop.methods.masks import leaky_relu, relu
+from randprop.methods.norms import batch_norm, group_norm, layer_norm, llama_rms_norm, rms_norm
 from randprop.methods.quant import (
     quant_conv,
     quant_conv1d,
@@ -45,12 +48,16 @@ from randprop.methods.vjp import (
 __all__ = [
     "aop_linear",
     "attention",
+    "batch_norm",
     "crs_linear",
     "dropout",
     "geglu",
     "gelu",
+    "group_norm",
+    "layer_norm",
     "leaky_relu",
     "linear_cross_entropy",
+    "llama_rms_norm",
     "quant_conv",
     "quant_conv1d",
     "quant_conv2d",
@@ -64,6 +71,7 @@ __all__ = [
     "rad_lstm",
     "rad_relu_rnn",
     "relu",
+    "rms_norm",
     "sigmoid",
     "silu",
     "sparse_vjp",

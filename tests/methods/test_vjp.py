@@ -322,8 +322,9 @@ def test_models_train_with_sparse_vjp(name, kwargs, cfg):
     x, y = toy_images(320, gen)
     model = build_model(name, **kwargs)
     report = rp.convert(model, cfg, seed=1)
-    # activations: ReLU's exact 1-bit masks, GELU's k-bit derivative
-    kinds = {report.kinds[n] for n in report.converted} - {"ReLU", "GELU"}
+    # activations: ReLU's exact 1-bit masks, GELU's k-bit derivative; LayerNorm: k-bit
+    # normalised input (methods.norms)
+    kinds = {report.kinds[n] for n in report.converted} - {"ReLU", "GELU", "LayerNorm"}
     assert kinds == ({"Conv2d"} if name == "bagnet" else {"Conv2d", "Linear"})
     assert all(
         not isinstance(m, (nn.Linear, nn.Conv2d)) or n in report.converted
