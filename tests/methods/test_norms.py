@@ -252,7 +252,7 @@ def test_convert_reports_what_it_keeps():
         nn.Linear(8, 8), nn.LayerNorm(8, elementwise_affine=False), nn.GroupNorm(2, 8, affine=False)
     )
     report = rp.convert(copy.deepcopy(model), "exact")
-    assert report.skipped["1"] == "exact: kept as plain PyTorch"
+    assert report.skipped["1"] == "exact keeps activations exact as stored by PyTorch"
     report = rp.convert(copy.deepcopy(model), "aop")
     assert "keeps activations exact" in report.skipped["1"]
     report = rp.convert(copy.deepcopy(model), "rad", activation_masks=False)
