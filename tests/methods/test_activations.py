@@ -203,7 +203,7 @@ def test_convert_report_restore_and_global_rng():
     off = rp.convert(copy.deepcopy(reference), "rad", activation_masks=False)
     assert off.skipped["1"] == "activation_masks=False"
     assert set(rp.restore(model)) == {"0", "1", "2", "3"}
-    assert type(model[1]) is nn.GELU and "rp_act_bits" not in model[1].__dict__
+    assert type(model[1]) is nn.GELU and "rp_bits_given" not in model[1].__dict__
 
 
 def test_inplace_silu_matches_pytorch():
@@ -329,7 +329,7 @@ def test_transformers_activations_are_recognised(name):
     upstream = torch.randn(6, 40, dtype=torch.float64)
     y = holder(x)
     assert torch.equal(y, reference(x))
-    holder[0].rp_act_bits = 8
+    holder[0].rp_bits_given = 8
     (grad,) = torch.autograd.grad(holder(x), x, upstream)
     (exact,) = _exact_grad(reference, x, upstream=upstream)
     assert (grad - exact).norm() < 5e-3 * exact.norm()

@@ -29,18 +29,17 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from randprop.config import METHODS, MethodConfig, parse_method
-from randprop.methods.base import RandomizedLayer
-from randprop.quantize import BITS, QuantizedTensor, check_bits, quantize
-from randprop.random import generator, name_id
+from randprop.config import check_seed
+from randprop.methods.base import QuantizedLayer, needs_grad
+from randprop.quantize import QuantizedTensor, check_bits, quantize
+from randprop.random import generator
 
 #: code width of a stored derivative when none is given (chosen by measurement, see above)
 DEFAULT_BITS = 4
@@ -160,19 +159,6 @@ class _QuantizedGate(torch.autograd.Function):
         return grad_a, grad_b, None, None, None, None, None
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _check_seed(seed: object, owner: str) -> int:
-    if isinstance(seed, bool):
-        raise TypeError(f"{owner}: seed must be an int; got bool")
-    try:
-        return operator.index(seed)
-    except TypeError:
-        raise TypeError(f"{owner}: seed must be an int; got {type(seed).__name__}") from None
-
-
 def quantized_derivative(
     x: torch.Tensor,
     fn: Callable[[torch.Tensor], torch.Tensor],
@@ -189,8 +175,8 @@ def quantized_derivative(
     comparison). ``inplace``: ``fn`` overwrites ``x``. Without a gradient to compute it is
     ``fn(x)`` itself."""
     check_bits(bits)
-    seed = _check_seed(seed, "quantized_derivative")
-    if not _needs_grad(x) or not x.is_floating_point() or x.numel() == 0:
+    seed = check_seed(seed, "quantized_derivative")
+    if not needs_grad(x) or not x.is_floating_point() or x.numel() == 0:
         return fn(x)
     return _QuantizedDerivative.apply(x, fn, derivative, bits, seed, stochastic, inplace)
 
@@ -209,10 +195,10 @@ def quantized_gate(
     (stochastic rounding from ``seed``; ``stochastic=False`` rounds to nearest, biased).
     ``a`` and ``b`` must have one shape. Without a gradient to compute it is ``fn(a) * b``."""
     check_bits(bits)
-    seed = _check_seed(seed, "quantized_gate")
+    seed = check_seed(seed, "quantized_gate")
     if a.shape != b.shape:
         raise ValueError(f"gate: a and b must have the same shape; got {a.shape} and {b.shape}")
-    if not _needs_grad(a, b) or a.numel() == 0:
+    if not needs_grad(a, b) or a.numel() == 0:
         return fn(a) * b
     return _QuantizedGate.apply(a, b, fn, derivative, bits, seed, stochastic)
 
@@ -277,66 +263,11 @@ def geglu(
 # --- layers -------------------------------------------------------------------------------------
 
 
-class QuantizedActivation(RandomizedLayer):
-    """Base of the converted activation layers (and of the gated MLP): a seed stream as every
-    RandomizedLayer has, and the code width :meth:`rp_bits`. ``rp_method`` is the config of the
-    conversion (None when built directly); the layer reads only its ``bits``, if any."""
+class QuantizedActivation(QuantizedLayer):
+    """Base of the converted activation layers (and of the gated MLP): the derivative in
+    ``rp_bits()`` bits."""
 
-    rp_method: MethodConfig | None = None
-    #: the width given by ``bits=`` (None: the method's, else :data:`DEFAULT_BITS`)
-    rp_act_bits: int | None = None
-
-    def __init__(
-        self,
-        *args: Any,
-        bits: int | None = None,
-        method: MethodConfig | str | None = None,
-        seed: int = 0,
-        name: str = "",
-        **kwargs: Any,
-    ) -> None:
-        """The torch class's own arguments; then the code width, method, run seed and name."""
-        super().__init__(*args, method=method, seed=seed, name=name, **kwargs)
-        self._set_bits(bits)
-
-    @classmethod
-    def from_module(
-        cls,
-        module: nn.Module,
-        method: MethodConfig | str | None = None,
-        seed: int = 0,
-        name: str = "",
-        bits: int | None = None,
-    ):
-        """A layer of this class sharing ``module``'s state (``module`` is left as it is)."""
-        layer = super().from_module(module, method, seed, name)
-        layer._set_bits(bits)
-        return layer
-
-    @classmethod
-    def rp_method_types(cls) -> tuple[type[MethodConfig], ...]:
-        """Every memory-saving method converts these layers."""
-        return tuple(c for c in dict.fromkeys(METHODS.values()) if c.saves_memory)
-
-    def _rp_configure(self, method: MethodConfig | str | None, seed: int, name: str) -> None:
-        owner = type(self).__name__
-        if not isinstance(name, str):
-            raise TypeError(f"{owner}: name must be a str; got {type(name).__name__}")
-        self.rp_method = None if method is None else parse_method(method)
-        self.rp_seed, self.rp_layer = _check_seed(seed, owner), name_id(name)
-        self.rp_step = 0
-
-    def _set_bits(self, bits: int | None) -> None:
-        if bits is not None:
-            self.rp_act_bits = check_bits(bits)
-
-    def rp_bits(self) -> int:
-        """Code width: ``bits=`` if given, else the method's ``bits`` (when it has an int one),
-        else :data:`DEFAULT_BITS`."""
-        if self.rp_act_bits is not None:
-            return self.rp_act_bits
-        bits = getattr(self.rp_method, "bits", None)
-        return bits if isinstance(bits, int) and bits in BITS else DEFAULT_BITS
+    rp_default_bits = DEFAULT_BITS
 
     @property
     def rp_storage(self) -> str:
@@ -344,14 +275,7 @@ class QuantizedActivation(RandomizedLayer):
 
     def rp_active(self, x: torch.Tensor) -> bool:
         """Estimates (draws a seed, stores codes) whenever the input's gradient is needed."""
-        return _needs_grad(x)
-
-    def rp_release(self) -> None:
-        self.__dict__.pop("rp_act_bits", None)
-
-    def extra_repr(self) -> str:
-        plain = super(RandomizedLayer, self).extra_repr()  # the torch class's
-        return ", ".join(filter(None, (plain, f"bits={self.rp_bits()}")))
+        return needs_grad(x)
 
 
 class SmoothActivation(QuantizedActivation):
@@ -500,7 +424,7 @@ class GatedMLP(QuantizedActivation):
         a = self.gate_proj(x)
         b = self.up_proj(x)
         act = self.act_fn
-        if not _needs_grad(a, b) or a.shape != b.shape or not a.is_floating_point():
+        if not needs_grad(a, b) or a.shape != b.shape or not a.is_floating_point():
             return self.down_proj(act(a) * b)
         derivative = DERIVATIVES[activation_kind(act)]
         h = _QuantizedGate.apply(a, b, act, derivative, self.rp_bits(), self.rp_next_seed(), True)

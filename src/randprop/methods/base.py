@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop.config import METHODS, MethodConfig, check_seed, parse_method
+from randprop.quantize import BITS, check_bits
 from randprop.random import current_rank, derive_seed, name_id
 
 ConfigT = TypeVar("ConfigT", bound=MethodConfig)
@@ -242,6 +243,82 @@ _PENDING: weakref.WeakKeyDictionary[nn.Module, collections.deque[int]] = weakref
 #: most seeds remembered per layer (calls awaiting their recompute in one forward); older ones
 #: are forgotten, and a recompute of such a call draws afresh
 MAX_PENDING = 256
+
+
+class QuantizedLayer(RandomizedLayer):
+    """Base of the compact layers that store k-bit codes for every memory-saving method (the
+    activations and norms): a seed stream as every RandomizedLayer has and the code width
+    :meth:`rp_bits`. ``rp_method`` is the config of the conversion (None when built directly);
+    the layer reads only its ``bits``, if it has one."""
+
+    rp_method: MethodConfig | None = None
+    #: the width given by ``bits=`` (None: the method's, else ``rp_default_bits``)
+    rp_bits_given: int | None = None
+    rp_default_bits: ClassVar[int] = 4
+
+    def __init__(
+        self,
+        *args: Any,
+        bits: int | None = None,
+        method: MethodConfig | str | None = None,
+        seed: int = 0,
+        name: str = "",
+        **kwargs: Any,
+    ) -> None:
+        """The torch class's own arguments; then the code width, method, run seed and name."""
+        super().__init__(*args, method=method, seed=seed, name=name, **kwargs)
+        self._set_bits(bits)
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        method: MethodConfig | str | None = None,
+        seed: int = 0,
+        name: str = "",
+        bits: int | None = None,
+    ):
+        """A layer of this class sharing ``module``'s state (``module`` is left as it is)."""
+        layer = super().from_module(module, method, seed, name)
+        layer._set_bits(bits)
+        return layer
+
+    @classmethod
+    def rp_method_types(cls) -> tuple[type[MethodConfig], ...]:
+        """Every memory-saving method converts these layers."""
+        return tuple(c for c in dict.fromkeys(METHODS.values()) if c.saves_memory)
+
+    def _rp_configure(self, method: MethodConfig | str | None, seed: int, name: str) -> None:
+        owner = type(self).__name__
+        if not isinstance(name, str):
+            raise TypeError(f"{owner}: name must be a str; got {type(name).__name__}")
+        self.rp_method = None if method is None else parse_method(method)
+        self.rp_seed, self.rp_layer = check_seed(seed, owner), name_id(name)
+        self.rp_step = 0
+
+    def _set_bits(self, bits: int | None) -> None:
+        if bits is not None:
+            self.rp_bits_given = check_bits(bits)
+
+    def rp_bits(self) -> int:
+        """Code width: ``bits=`` if given, else the method's ``bits`` (when it has a k-bit
+        one), else ``rp_default_bits``."""
+        if self.rp_bits_given is not None:
+            return self.rp_bits_given
+        bits = getattr(self.rp_method, "bits", None)
+        return bits if isinstance(bits, int) and bits in BITS else self.rp_default_bits
+
+    def rp_release(self) -> None:
+        self.__dict__.pop("rp_bits_given", None)
+
+    def extra_repr(self) -> str:
+        plain = super(RandomizedLayer, self).extra_repr()  # the torch class's
+        return ", ".join(filter(None, (plain, f"bits={self.rp_bits()}")))
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records: grad mode on and one of ``tensors`` requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def in_backward() -> bool:

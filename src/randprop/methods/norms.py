@@ -41,17 +41,15 @@ used, not updated) is the plain F.batch_norm.
 from __future__ import annotations
 
 import math
-import operator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from randprop.config import METHODS, MethodConfig, parse_method
-from randprop.methods.base import RandomizedLayer, autocast_dtype
-from randprop.quantize import BITS, QuantizedTensor, check_bits, quantize
-from randprop.random import SUBSEED_QUANT, generator, name_id, subseed
+from randprop.config import check_seed
+from randprop.methods.base import QuantizedLayer, autocast_dtype, needs_grad
+from randprop.quantize import QuantizedTensor, check_bits, quantize
+from randprop.random import SUBSEED_QUANT, generator, subseed
 
 #: code width of the stored normalised input when none is given (chosen by measurement)
 DEFAULT_BITS = 4
@@ -181,19 +179,6 @@ def _rms_norm(x, normalized_shape, weight, eps):
     return (y if weight is None else y * weight), rstd
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _check_seed(seed: object, owner: str) -> int:
-    if isinstance(seed, bool):
-        raise TypeError(f"{owner}: seed must be an int; got bool")
-    try:
-        return operator.index(seed)
-    except TypeError:
-        raise TypeError(f"{owner}: seed must be an int; got {type(seed).__name__}") from None
-
-
 def _apply(x, weight, bias, kind, args, bits, seed, stochastic, paired):
     return _QuantNorm.apply(x, weight, bias, kind, args, bits, seed, stochastic, paired)
 
@@ -225,9 +210,9 @@ def layer_norm(
     ``stochastic=False`` round to nearest, biased, for comparison; ``paired``: two independent
     codes, dX unbiased) and rstd per row. Without a gradient to compute it is F.layer_norm."""
     check_bits(bits)
-    seed = _check_seed(seed, "layer_norm")
+    seed = check_seed(seed, "layer_norm")
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not _needs_grad(input, weight, bias) or input.numel() == 0:
+    if not needs_grad(input, weight, bias) or input.numel() == 0:
         return F.layer_norm(input, shape, weight, bias, eps)
     input, weight, bias = _fp32_under_autocast(input, weight, bias)
     with torch.autocast(input.device.type, enabled=False):
@@ -249,9 +234,9 @@ def rms_norm(
     """F.rms_norm storing x_hat = x rstd in ``bits`` bits and rstd per row (``seed``,
     ``stochastic``, ``paired`` as in :func:`layer_norm`)."""
     check_bits(bits)
-    seed = _check_seed(seed, "rms_norm")
+    seed = check_seed(seed, "rms_norm")
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not _needs_grad(input, weight) or input.numel() == 0:
+    if not needs_grad(input, weight) or input.numel() == 0:
         return F.rms_norm(input, shape, weight, eps)
     input, weight = _fp32_under_autocast(input, weight)
     with torch.autocast(input.device.type, enabled=False):
@@ -272,8 +257,8 @@ def llama_rms_norm(
     """LLaMA's RMSNorm, ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)`` with x32 the
     input in float32, storing x_hat in ``bits`` bits and rstd per row."""
     check_bits(bits)
-    seed = _check_seed(seed, "llama_rms_norm")
-    if not _needs_grad(input, weight) or input.numel() == 0:
+    seed = check_seed(seed, "llama_rms_norm")
+    if not needs_grad(input, weight) or input.numel() == 0:
         x32 = input.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x32.to(input.dtype)
@@ -300,8 +285,8 @@ def batch_norm(
     running statistics updated by PyTorch's own kernel (momentum, unbiased running variance).
     Not training (the running statistics used) it is F.batch_norm itself."""
     check_bits(bits)
-    seed = _check_seed(seed, "batch_norm")
-    if not training or not _needs_grad(input, weight, bias) or input.numel() == 0:
+    seed = check_seed(seed, "batch_norm")
+    if not training or not needs_grad(input, weight, bias) or input.numel() == 0:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.dim() < 2 or input.numel() == input.shape[1]:  # F.batch_norm's own error
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -323,8 +308,8 @@ def group_norm(
 ) -> torch.Tensor:
     """F.group_norm storing x_hat in ``bits`` bits and rstd per sample and group."""
     check_bits(bits)
-    seed = _check_seed(seed, "group_norm")
-    plain = not _needs_grad(input, weight, bias) or input.numel() == 0 or input.dim() < 2
+    seed = check_seed(seed, "group_norm")
+    plain = not needs_grad(input, weight, bias) or input.numel() == 0 or input.dim() < 2
     if plain or input.shape[1] % num_groups:  # F.group_norm's own error for the latter
         return F.group_norm(input, num_groups, weight, bias, eps)
     input, weight, bias = _fp32_under_autocast(input, weight, bias)
@@ -336,66 +321,11 @@ def group_norm(
 # --- layers -------------------------------------------------------------------------------------
 
 
-class QuantizedNorm(RandomizedLayer):
-    """Base of the converted normalisation layers: a seed stream as every RandomizedLayer has,
-    and the code width :meth:`rp_bits`. ``rp_method`` is the config of the conversion (None
-    when built directly); the layer reads only its ``bits``, if any."""
+class QuantizedNorm(QuantizedLayer):
+    """Base of the converted normalisation layers: the normalised input in ``rp_bits()``
+    bits."""
 
-    rp_method: MethodConfig | None = None
-    #: the width given by ``bits=`` (None: the method's, else :data:`DEFAULT_BITS`)
-    rp_norm_bits: int | None = None
-
-    def __init__(
-        self,
-        *args: Any,
-        bits: int | None = None,
-        method: MethodConfig | str | None = None,
-        seed: int = 0,
-        name: str = "",
-        **kwargs: Any,
-    ) -> None:
-        """The torch class's own arguments; then the code width, method, run seed and name."""
-        super().__init__(*args, method=method, seed=seed, name=name, **kwargs)
-        self._set_bits(bits)
-
-    @classmethod
-    def from_module(
-        cls,
-        module: nn.Module,
-        method: MethodConfig | str | None = None,
-        seed: int = 0,
-        name: str = "",
-        bits: int | None = None,
-    ):
-        """A layer of this class sharing ``module``'s state (``module`` is left as it is)."""
-        layer = super().from_module(module, method, seed, name)
-        layer._set_bits(bits)
-        return layer
-
-    @classmethod
-    def rp_method_types(cls) -> tuple[type[MethodConfig], ...]:
-        """Every memory-saving method converts these layers."""
-        return tuple(c for c in dict.fromkeys(METHODS.values()) if c.saves_memory)
-
-    def _rp_configure(self, method: MethodConfig | str | None, seed: int, name: str) -> None:
-        owner = type(self).__name__
-        if not isinstance(name, str):
-            raise TypeError(f"{owner}: name must be a str; got {type(name).__name__}")
-        self.rp_method = None if method is None else parse_method(method)
-        self.rp_seed, self.rp_layer = _check_seed(seed, owner), name_id(name)
-        self.rp_step = 0
-
-    def _set_bits(self, bits: int | None) -> None:
-        if bits is not None:
-            self.rp_norm_bits = check_bits(bits)
-
-    def rp_bits(self) -> int:
-        """Code width: ``bits=`` if given, else the method's ``bits`` (when it has an int one),
-        else :data:`DEFAULT_BITS`."""
-        if self.rp_norm_bits is not None:
-            return self.rp_norm_bits
-        bits = getattr(self.rp_method, "bits", None)
-        return bits if isinstance(bits, int) and bits in BITS else DEFAULT_BITS
+    rp_default_bits = DEFAULT_BITS
 
     @property
     def rp_storage(self) -> str:
@@ -404,14 +334,7 @@ class QuantizedNorm(RandomizedLayer):
     def rp_active(self, x: torch.Tensor) -> bool:
         """Stores codes whenever a gradient through the layer is needed."""
         params = (getattr(self, "weight", None), getattr(self, "bias", None))
-        return x.is_floating_point() and x.numel() > 0 and _needs_grad(x, *params)
-
-    def rp_release(self) -> None:
-        self.__dict__.pop("rp_norm_bits", None)
-
-    def extra_repr(self) -> str:
-        plain = super(RandomizedLayer, self).extra_repr()  # the torch class's
-        return ", ".join(filter(None, (plain, f"bits={self.rp_bits()}")))
+        return x.is_floating_point() and x.numel() > 0 and needs_grad(x, *params)
 
 
 class QuantLayerNorm(QuantizedNorm, nn.LayerNorm):
