@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from randprop.config import CONV1D, METHODS, MethodConfig, check_seed, parse_method
+from randprop.methods import activations, functional_ops, norms
 from randprop.methods.activations import activation_class, is_activation
 from randprop.methods.base import ConvertedLayer, RandomizedLayer
 from randprop.methods.exact import Exact
 from randprop.methods.masks import MASKED
 from randprop.methods.norms import norm_class
 from randprop.methods.projections import is_conv1d
+from randprop.quantize import BITS
 from randprop.random import name_id
 
 MethodSpec = MethodConfig | str | Mapping[str, MethodConfig | str]
@@ -39,6 +42,8 @@ class ConversionReport:
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     methods: dict[str, str] = dataclasses.field(default_factory=dict)
     kinds: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: with ``functional_ops``: the functional calls redirected and what is not covered
+    functional: str = ""
 
     def __str__(self) -> str:
         rows = [("layer", "type", "action")]
@@ -50,7 +55,7 @@ class ConversionReport:
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows]
         lines.insert(1, "-" * max(len(line) for line in lines))
         summary = f"{len(self.converted)} converted, {len(self.skipped)} skipped"
-        return "\n".join([*lines, summary])
+        return "\n".join([*lines, summary, *filter(None, [self.functional])])
 
 
 def _method_for(name: str, method: MethodSpec) -> tuple[MethodConfig | None, str]:
@@ -82,6 +87,7 @@ def convert(
     target_modules: str | Sequence[str] | None = None,
     seed: int = 0,
     activation_masks: bool = True,
+    functional_ops: bool = False,
     prefix: str = "",
 ) -> ConversionReport:
     """Convert the eligible layers of ``model`` in place and report what was done.
@@ -98,6 +104,12 @@ def convert(
         (GELU, SiLU, tanh, sigmoid; transformers' by class name) and gated MLPs for k-bit
         derivatives, LayerNorm / RMSNorm / BatchNorm / GroupNorm for a k-bit normalised input
         (unbiased weight gradients; see methods.activations and methods.norms).
+    functional_ops: under memory-saving methods, also redirect the functional calls written in
+        the model's forwards (F.relu, F.gelu, F.silu, torch.tanh, F.layer_norm, F.dropout, ...)
+        to the same compact forms, through a TorchFunctionMode the model enters around its
+        forward (methods.functional_ops; the report lists what is and is not covered).
+        rp.restore removes it. Off by default: the mode runs Python code at every torch call
+        of the forward, and its hooks are pickled with the model.
     prefix: the qualified name of ``model`` inside a larger model, when converting a part of it.
 
     Layer ids: a layer's draws depend on (seed, id, step, rank), with id the stable 63-bit hash
@@ -120,6 +132,8 @@ def convert(
     seed = check_seed(seed)
     if not isinstance(activation_masks, bool):
         raise TypeError(f"activation_masks must be True or False; got {activation_masks!r}")
+    if not isinstance(functional_ops, bool):
+        raise TypeError(f"functional_ops must be True or False; got {functional_ops!r}")
     if isinstance(method, Mapping):
         for spec in method.values():
             parse_method(spec)  # fail early on a bad entry
@@ -160,7 +174,38 @@ def convert(
             module.rp_step = 0
         report.converted.append(name)
         report.methods[name] = module.rp_storage
+    if functional_ops:
+        report.functional = _install_functional(model, method, seed, prefix)
     return report
+
+
+def _install_functional(model: nn.Module, method: MethodSpec, seed: int, prefix: str) -> str:
+    """Install methods.functional_ops on ``model``; the report's line about it."""
+    configs = list(method.values()) if isinstance(method, Mapping) else [method]
+    configs = [parse_method(c) for c in configs]
+    if not any(c.saves_memory for c in configs):
+        return "functional ops: not redirected (no method here saves memory)"
+    if _FUNCTIONAL_HANDLES.get(model):
+        return "functional ops: already redirected by an earlier rp.convert"
+    bits = {getattr(c, "bits", None) for c in configs if c.saves_memory}
+    width = bits.pop() if len(bits) == 1 and next(iter(bits)) in BITS else None
+    handles = functional_ops.install(
+        model,
+        seed,
+        prefix,
+        width or activations.DEFAULT_BITS,
+        width or norms.DEFAULT_BITS,
+        lambda m: _compact_class(m) is not None,
+    )
+    _FUNCTIONAL_HANDLES[model] = handles
+    return (
+        f"functional ops redirected inside the forward: {functional_ops.INTERCEPTED_NAMES}. "
+        f"Not covered: {functional_ops.NOT_COVERED}."
+    )
+
+
+#: the hook handles of methods.functional_ops per converted model, for rp.restore
+_FUNCTIONAL_HANDLES: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def swap_layer(module: nn.Module, layer_class: type[ConvertedLayer]) -> None:
@@ -322,9 +367,12 @@ def _refuse_rules(model: nn.Module) -> None:
 
 def restore(model: nn.Module) -> list[str]:
     """Give every converted layer of ``model`` (by rp.convert, or by a rule such as rp.rules.FA)
-    its original class back; returns their names."""
+    its original class back and remove convert's ``functional_ops`` hooks; returns the names of
+    the layers."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    for handle in _FUNCTIONAL_HANDLES.pop(model, []):
+        handle.remove()
     return [name for name, module in model.named_modules() if restore_layer(module)]
 
 
