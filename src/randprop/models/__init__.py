@@ -10,6 +10,7 @@ from randprop.models import (  # noqa: F401 (registers the models)
     linear,
     rad,
     recurrent,
+    resnet,
     trace,
     vision,
 )
