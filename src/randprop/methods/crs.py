@@ -65,6 +65,11 @@ class CRS(MethodConfig):
 
     keep: fraction of rows stored, in (0, 1].
     winners: least fraction of the K rows kept deterministically (highest scores), in [0, 1).
+        The default 0 keeps exactly the rows whose probability K s_i / sum s would exceed 1:
+        p_i = min(1, lambda s_i) minimises sum_i a_i^2 / p_i at sum_i p_i = K, the variance
+        when the scores are proportional to a_i = |x_i| |d_i|, so more winners can only add
+        variance there (measured: benchmarks/results/transformer-layer-speed.md; 0.5 doubled
+        it on rows of similar norm).
     momentum: of the running estimate of output-gradient norms, in [0, 1).
     bits: the K stored rows in 1, 2, 4 or 8 bits with stochastic rounding (still unbiased), or
         32 (full precision); group: values per scale and minimum (0: per row). See
@@ -73,7 +78,7 @@ class CRS(MethodConfig):
 
     name = "crs"
     keep: float = 0.3
-    winners: float = 0.5
+    winners: float = 0.0
     momentum: float = 0.9
     bits: int = quiet_field(32)
     group: int = quiet_field(0)

@@ -81,8 +81,11 @@ def _window_draw(shape: torch.Size, gen: torch.Generator, device) -> tuple[torch
 
 
 def _windows(perm: torch.Tensor, shift: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices perm[(shift + j) % n], j < k, of the rows whose shifts are ``shift`` (c, G, 1)."""
-    return perm[(shift + torch.arange(k, device=shift.device)) % perm.numel()]
+    """Indices perm[(shift + j) % n], j < k, of the rows whose shifts are ``shift`` (c, G, 1):
+    rows of the (n, k) table of every cyclic window of perm, a strided view of perm extended by
+    its first k - 1 entries (one copy of c G k indices, no per-element arithmetic)."""
+    table = torch.cat([perm, perm[: k - 1]]).unfold(0, k, 1)
+    return table[shift.squeeze(-1)]
 
 
 def row_windows(shape: torch.Size, k: int, gen: torch.Generator, device) -> torch.Tensor:
