@@ -44,6 +44,21 @@ def derive_seed(
     return h >> 1
 
 
+@torch.library.custom_op("randprop::next_seed", mutates_args=("step",))
+def next_seed(step: torch.Tensor, seed: int, layer: int, rank: int) -> torch.Tensor:
+    """``derive_seed(seed, layer, step, rank)`` as a 0-dim int64 CPU tensor, advancing the 0-dim
+    integer tensor ``step`` by one: the form a compiled graph draws a layer's seed in. An opaque
+    custom op, so that torch.compile sees the step as data, not a constant to guard on."""
+    value = int(step)
+    step.add_(1)
+    return torch.tensor(derive_seed(seed, layer, value, rank))
+
+
+@next_seed.register_fake
+def _(step: torch.Tensor, seed: int, layer: int, rank: int) -> torch.Tensor:
+    return torch.empty((), dtype=torch.int64)
+
+
 #: Tags of :func:`subseed`: a second kind of draw made under one seed.
 SUBSEED_QUANT = 1
 
