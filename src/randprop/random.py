@@ -88,10 +88,11 @@ def current_rank() -> int:
     return 0
 
 
-def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A fresh generator on ``device`` seeded with ``seed``."""
+def generator(seed: int | torch.Tensor, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator on ``device`` seeded with ``seed`` (an int, or the 0-dim tensor a
+    compiled layer draws, see :func:`next_seed`)."""
     gen = torch.Generator(device=torch.device(device))
-    gen.manual_seed(seed)
+    gen.manual_seed(int(seed))
     return gen
 
 

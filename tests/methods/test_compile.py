@@ -53,7 +53,9 @@ MLP_METHODS = [
 ]
 CNN_METHODS = ["rad:keep=0.3", "rad:keep=0.3,mode=project", "trace:probes=3",
                "trace:probes=3,channels=independent,probe=rademacher"]  # fmt: skip
-CASES = [(mlp, (5, 12), m) for m in MLP_METHODS] + [(small_cnn, (3, 2, 8, 8), m) for m in CNN_METHODS]
+CASES = [(mlp, (5, 12), m) for m in MLP_METHODS] + [
+    (small_cnn, (3, 2, 8, 8), m) for m in CNN_METHODS
+]
 
 
 def steps(model: nn.Module, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from randprop import random as rnd
-from randprop.methods import kbit
 from randprop.config import parse_method
+from randprop.methods import kbit
 from randprop.methods.base import (
     ConvArgs,
     autocast_inputs,
@@ -205,7 +205,9 @@ class _RADLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             n, cfg, seed = ctx.x_shape[-1], ctx.cfg, ctx.seed
             if isinstance(seed, torch.Tensor):  # compiled: the draw inside an opaque op
-                grad_w = torch.ops.randprop.rad_linear_weight_grad(grad_rows, stored, n, seed, str(cfg))
+                grad_w = torch.ops.randprop.rad_linear_weight_grad(
+                    grad_rows, stored, n, seed, str(cfg)
+                )
             else:
                 grad_w = linear_weight_grad(grad_rows, stored, n, cfg, seed)
         if ctx.has_bias and ctx.needs_input_grad[2]:
