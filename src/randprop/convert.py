@@ -31,7 +31,7 @@ from randprop.random import name_id
 
 MethodSpec = MethodConfig | str | Mapping[str, MethodConfig | str]
 
-_CONVERTED_ATTRS = ("rp_method", "rp_seed", "rp_layer", "rp_step", "rp_original_class")
+_CONVERTED_ATTRS = ("rp_method", "rp_seed", "rp_layer", "rp_step_count", "rp_original_class")
 
 
 @dataclasses.dataclass

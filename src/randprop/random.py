@@ -44,6 +44,21 @@ def derive_seed(
     return h >> 1
 
 
+@torch.library.custom_op("randprop::next_seed", mutates_args=("step",))
+def next_seed(step: torch.Tensor, seed: int, layer: int, rank: int) -> torch.Tensor:
+    """``derive_seed(seed, layer, step, rank)`` as a 0-dim int64 CPU tensor, advancing the 0-dim
+    integer tensor ``step`` by one: the form a compiled graph draws a layer's seed in. An opaque
+    custom op, so that torch.compile sees the step as data, not a constant to guard on."""
+    value = int(step)
+    step.add_(1)
+    return torch.tensor(derive_seed(seed, layer, value, rank))
+
+
+@next_seed.register_fake
+def _(step: torch.Tensor, seed: int, layer: int, rank: int) -> torch.Tensor:
+    return torch.empty((), dtype=torch.int64)
+
+
 #: Tags of :func:`subseed`: a second kind of draw made under one seed.
 SUBSEED_QUANT = 1
 
@@ -73,10 +88,11 @@ def current_rank() -> int:
     return 0
 
 
-def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A fresh generator on ``device`` seeded with ``seed``."""
+def generator(seed: int | torch.Tensor, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator on ``device`` seeded with ``seed`` (an int, or the 0-dim tensor a
+    compiled layer draws, see :func:`next_seed`)."""
     gen = torch.Generator(device=torch.device(device))
-    gen.manual_seed(seed)
+    gen.manual_seed(int(seed))
     return gen
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from randprop.config import METHODS, MethodConfig, check_seed, parse_method
 from randprop.quantize import BITS, check_bits
-from randprop.random import current_rank, derive_seed, name_id
+from randprop.random import current_rank, derive_seed, name_id, next_seed
 
 ConfigT = TypeVar("ConfigT", bound=MethodConfig)
 LayerT = TypeVar("LayerT", bound="ConvertedLayer")
@@ -143,7 +143,6 @@ class RandomizedLayer(ConvertedLayer):
     rp_method: MethodConfig
     rp_seed: int = 0
     rp_layer: int = 0
-    rp_step: int = 0
 
     def __init__(
         self,
@@ -210,18 +209,36 @@ class RandomizedLayer(ConvertedLayer):
         that also acts on the input gradient (SparseVJP) says so here."""
         return self.rp_needs_weight_grad()
 
-    def rp_next_seed(self) -> int:
+    @property
+    def rp_step(self) -> int:
+        """Forward calls that drew a seed so far; kept in a 0-dim int64 CPU tensor
+        (``rp_step_count``) that a compiled graph advances in place (see :meth:`rp_next_seed`)."""
+        count = self.__dict__.get("rp_step_count")
+        return 0 if count is None else int(count)
+
+    @rp_step.setter
+    def rp_step(self, value: int) -> None:
+        with torch.inference_mode(False):  # a normal tensor, advanced in place later
+            self.__dict__["rp_step_count"] = torch.tensor(int(value), dtype=torch.int64)
+
+    def rp_next_seed(self) -> int | torch.Tensor:
         """The seed of this forward call. Outside a backward pass: a fresh draw (``rp_step``
         advances), also pushed on the layer's record of seeds awaiting a recompute. Inside one,
-        the call is an activation-checkpoint recompute (see :func:`replayed_seed`)."""
+        the call is an activation-checkpoint recompute (see :func:`replayed_seed`). While
+        torch.compile traces: the seed as a 0-dim int64 tensor computed in the graph from the
+        step counter, which the graph advances (no recompile per step; checkpoint replay is not
+        recorded)."""
+        if torch.compiler.is_compiling():
+            return next_seed(self.rp_step_count, self.rp_seed, self.rp_layer, current_rank())
         pending = _PENDING.get(self)
         recompute = in_backward()
         if recompute:
             seed = replayed_seed(pending)
             if seed is not None:
                 return seed
-        seed = derive_seed(self.rp_seed, self.rp_layer, self.rp_step, current_rank())
-        self.rp_step += 1
+        count = self.rp_step_count
+        seed = derive_seed(self.rp_seed, self.rp_layer, int(count), current_rank())
+        count.add_(1)
         if not recompute:
             if pending is None:
                 pending = _PENDING[self] = collections.deque(maxlen=MAX_PENDING)

@@ -32,7 +32,14 @@ import torch
 from torch import nn
 
 from randprop import random as rnd
-from randprop.config import MethodConfig, check_choice, quiet_field, register, register_layers
+from randprop.config import (
+    MethodConfig,
+    check_choice,
+    parse_method,
+    quiet_field,
+    register,
+    register_layers,
+)
 from randprop.methods import kbit
 from randprop.methods.base import (
     ConvArgs,
@@ -85,6 +92,31 @@ def probe_tensor(
     n = torch.Size(per_probe).numel()
     gen = rnd.generator(seed, device)
     return rnd.probes(cfg.probe, (cfg.probes, n), gen, device, dtype).view(cfg.probes, *per_probe)
+
+
+def _probe_tensor(x_shape, cfg: Trace, seed: int | torch.Tensor, like: torch.Tensor):
+    """:func:`probe_tensor` on ``like``'s device and dtype; while compiling (the seed a tensor)
+    drawn inside the custom op ``randprop::trace_probes``, opaque to the compiler."""
+    if isinstance(seed, torch.Tensor):
+        return torch.ops.randprop.trace_probes(like, list(x_shape), seed, str(cfg))
+    return probe_tensor(x_shape, cfg, seed, like.device, like.dtype)
+
+
+_config = functools.lru_cache(maxsize=None)(parse_method)
+
+
+@torch.library.custom_op("randprop::trace_probes", mutates_args=())
+def _probes_op(
+    like: torch.Tensor, x_shape: list[int], seed: torch.Tensor, method: str
+) -> torch.Tensor:
+    return probe_tensor(x_shape, _config(method), int(seed), like.device, like.dtype)
+
+
+@_probes_op.register_fake
+def _(like, x_shape, seed, method) -> torch.Tensor:
+    cfg = _config(method)
+    per_probe = (x_shape[1], *x_shape[2:]) if cfg.channels == "multi" else (1, *x_shape[2:])
+    return like.new_empty(cfg.probes, *per_probe)
 
 
 def project(x: torch.Tensor, z: torch.Tensor, cfg: Trace) -> torch.Tensor:
@@ -189,7 +221,7 @@ class _TraceConvFn(torch.autograd.Function):
         out = conv_forward(ctx, x, weight, bias, stride, padding, dilation, groups)
         stored = None
         if ctx.needs_input_grad[1]:
-            stored = project(x, probe_tensor(x.shape, cfg, seed, x.device, x.dtype), cfg)
+            stored = project(x, _probe_tensor(x.shape, cfg, seed, x), cfg)
         stored, ctx.stored_meta = kbit.pack(stored, cfg.bits, cfg.group, seed)
         ctx.save_for_backward(*stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed = cfg, seed
@@ -209,7 +241,7 @@ class _TraceConvFn(torch.autograd.Function):
         if need_b:
             grad_b = grad_out.sum([0, *range(2, grad_out.dim())])
         if need_w:
-            z = probe_tensor(ctx.x_shape, ctx.cfg, ctx.seed, stored.device, stored.dtype)
+            z = _probe_tensor(ctx.x_shape, ctx.cfg, ctx.seed, stored)
             if ctx.cfg.channels == "multi":
                 grad_w = multi_weight_grad(grad_out, stored, z, weight.shape, ctx.conv)
             else:

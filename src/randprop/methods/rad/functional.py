@@ -29,14 +29,17 @@ that can exceed the stored values.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from randprop import random as rnd
+from randprop.config import parse_method
 from randprop.methods import kbit
 from randprop.methods.base import (
+    ConvArgs,
     autocast_inputs,
     conv_backward,
     conv_forward,
@@ -187,7 +190,7 @@ class _RADLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, cfg: RAD, seed: int):
         out = F.linear(x, weight, bias)
         rows = x.reshape(-1, 1, x.shape[-1])
-        stored = compress(rows, cfg, seed) if ctx.needs_input_grad[1] else None
+        stored = _compress(rows, cfg, seed) if ctx.needs_input_grad[1] else None
         stored, ctx.stored_meta = kbit.pack(stored, cfg.bits, cfg.group, seed)
         ctx.save_for_backward(*stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed, ctx.x_shape = cfg, seed, x.shape
@@ -203,7 +206,13 @@ class _RADLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad_out @ weight).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_w = linear_weight_grad(grad_rows, stored, ctx.x_shape[-1], ctx.cfg, ctx.seed)
+            n, cfg, seed = ctx.x_shape[-1], ctx.cfg, ctx.seed
+            if isinstance(seed, torch.Tensor):  # compiled: the draw inside an opaque op
+                grad_w = torch.ops.randprop.rad_linear_weight_grad(
+                    grad_rows, stored, n, seed, str(cfg)
+                )
+            else:
+                grad_w = linear_weight_grad(grad_rows, stored, n, cfg, seed)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_rows.sum(0)
         return grad_x, grad_w, grad_b, None, None
@@ -229,12 +238,26 @@ def rad_linear(
 # --- Conv -----------------------------------------------------------------------------------
 
 
+def conv_weight_grad(grad_out, stored, weight, x_shape, conv: ConvArgs, cfg: RAD, seed: int):
+    """The convolution's weight gradient from X_hat: summed over chunks of the batch of each
+    chunk's conv_weight_grad(X_hat_c, D_c)."""
+    b, c = x_shape[:2]
+    grad_w = None
+    shape = torch.Size((b, c, math.prod(x_shape[2:])))
+    for rows, x_hat in x_hat_chunks(stored, shape, cfg, seed):
+        grad = grad_out[rows]
+        x_hat = x_hat.view(grad.shape[0], *x_shape[1:])
+        part = conv_backward(grad, x_hat, x_hat.shape, weight, None, conv, [False, True, False])[1]
+        grad_w = part if grad_w is None else grad_w.add_(part)
+    return grad_w
+
+
 class _RADConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, cfg: RAD, seed: int, stride, padding, dilation, groups):
         out = conv_forward(ctx, x, weight, bias, stride, padding, dilation, groups)
         b, c = x.shape[:2]
-        stored = compress(x.reshape(b, c, -1), cfg, seed) if ctx.needs_input_grad[1] else None
+        stored = _compress(x.reshape(b, c, -1), cfg, seed) if ctx.needs_input_grad[1] else None
         stored, ctx.stored_meta = kbit.pack(stored, cfg.bits, cfg.group, seed)
         ctx.save_for_backward(*stored, weight_to_save(ctx, weight))
         ctx.cfg, ctx.seed = cfg, seed
@@ -248,16 +271,15 @@ class _RADConvFn(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
         grad_x = grad_w = grad_b = None
-        if need_w:  # sum over chunks of the batch of the chunk's weight gradient
-            b, c = ctx.x_shape[:2]
-            shape = torch.Size((b, c, ctx.x_shape[2:].numel()))
-            for rows, x_hat in x_hat_chunks(stored, shape, ctx.cfg, ctx.seed):
-                grad = grad_out[rows]
-                x_hat = x_hat.view(grad.shape[0], *ctx.x_shape[1:])
-                part = conv_backward(
-                    grad, x_hat, x_hat.shape, weight, None, ctx.conv, [False, True, False]
-                )[1]
-                grad_w = part if grad_w is None else grad_w.add_(part)
+        if need_w and isinstance(ctx.seed, torch.Tensor):  # compiled: one opaque op
+            stride, padding, dilation, _, groups = ctx.conv
+            grad_w = torch.ops.randprop.rad_conv_weight_grad(
+                grad_out, stored, weight, list(ctx.x_shape), stride, padding, dilation, groups,
+                ctx.seed, str(ctx.cfg),
+            )  # fmt: skip
+        elif need_w:
+            grad_w = conv_weight_grad(grad_out, stored, weight, ctx.x_shape, ctx.conv, ctx.cfg,
+                                      ctx.seed)  # fmt: skip
         if need_x or need_b:
             grad_x, _, grad_b = conv_backward(
                 grad_out,
@@ -348,3 +370,67 @@ def rad_conv3d(
 ) -> torch.Tensor:
     """F.conv3d with RAD weight gradients (see :func:`rad_conv`)."""
     return _conv(3, input, weight, bias, stride, padding, dilation, groups, method, seed)
+
+
+# --- the draws as custom ops, for torch.compile ----------------------------------------------
+#
+# While torch.compile traces, a layer's seed is a 0-dim int64 tensor computed in the graph (see
+# RandomizedLayer.rp_next_seed). The seeded draws run inside these ops, opaque to the compiler: each
+# reads the seed and calls the eager function above, so compiled and eager runs draw bitwise the
+# same numbers for the same seed. The config travels as its string form.
+
+_config = functools.lru_cache(maxsize=None)(parse_method)
+
+
+def _compress(x: torch.Tensor, cfg: RAD, seed: int | torch.Tensor) -> torch.Tensor:
+    """:func:`compress`, through the custom op when the seed is a tensor (compiled)."""
+    if isinstance(seed, torch.Tensor):
+        return torch.ops.randprop.rad_compress(x, seed, str(cfg))
+    return compress(x, cfg, seed)
+
+
+@torch.library.custom_op("randprop::rad_compress", mutates_args=())
+def _compress_op(x: torch.Tensor, seed: torch.Tensor, method: str) -> torch.Tensor:
+    return compress(x, _config(method), int(seed))
+
+
+@_compress_op.register_fake
+def _(x: torch.Tensor, seed: torch.Tensor, method: str) -> torch.Tensor:
+    cfg, (b, g, n) = _config(method), x.shape
+    if cfg.mode == "sample" and cfg.same_sample:
+        return x.new_empty(b, rnd.kept_count(g * n, cfg.keep))
+    return x.new_empty(b, g, rnd.kept_count(n, cfg.keep))
+
+
+@torch.library.custom_op("randprop::rad_linear_weight_grad", mutates_args=())
+def _linear_weight_grad_op(
+    grad_out: torch.Tensor, stored: torch.Tensor, in_features: int, seed: torch.Tensor, method: str
+) -> torch.Tensor:
+    return linear_weight_grad(grad_out, stored, in_features, _config(method), int(seed))
+
+
+@_linear_weight_grad_op.register_fake
+def _(grad_out, stored, in_features, seed, method) -> torch.Tensor:
+    return grad_out.new_empty(grad_out.shape[1], in_features)
+
+
+@torch.library.custom_op("randprop::rad_conv_weight_grad", mutates_args=())
+def _conv_weight_grad_op(
+    grad_out: torch.Tensor,
+    stored: torch.Tensor,
+    weight: torch.Tensor,
+    x_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    seed: torch.Tensor,
+    method: str,
+) -> torch.Tensor:
+    conv = (stride, padding, dilation, [0] * len(stride), groups)
+    return conv_weight_grad(grad_out, stored, weight, x_shape, conv, _config(method), int(seed))
+
+
+@_conv_weight_grad_op.register_fake
+def _(grad_out, stored, weight, x_shape, stride, padding, dilation, groups, seed, method):
+    return grad_out.new_empty(weight.shape)
