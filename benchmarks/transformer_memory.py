@@ -5,8 +5,15 @@ GPT-2 and LLaMA as in the [coverage] issue: 4 layers, hidden 256, 4 heads, vocab
 8 x 128 tokens, training mode (dropout on for GPT-2). The loss is the model's own (logits kept)
 or, for the "fused loss" rows, rp.functional.linear_cross_entropy on the last hidden state.
 randprop rows convert the model (every weight layer, activation, norm and dropout) and switch it
-to the compact attention core. Figures: rp.track_saved's peak over forward and backward (each
-storage once, parameters excluded), so a checkpointed block's recomputation counts.
+to the compact attention core (PyTorch's fused kernel keeping only Q, K and V, its output
+recomputed in backward; the "keeping O" row keeps it, as PyTorch does; GPT-2 trains with
+attention dropout, which always runs the chunked Function: Q, K, V and the logsumexp). Figures:
+rp.track_saved's peak over forward and backward (each storage once, parameters excluded).
+Checkpointing is transformers' gradient_checkpointing_enable with use_reentrant=True, so that a
+checkpointed block's recomputation in backward is counted: the default non-reentrant checkpoint
+saves its recomputed tensors under its own saved-tensor hooks, which hide them from
+rp.track_saved (it would count only the blocks' inputs and what lies outside the blocks), though
+they take the same memory.
 
     PYTHONPATH=src python benchmarks/transformer_memory.py benchmarks/results/transformer-memory.md
 """
@@ -26,6 +33,8 @@ from randprop.methods.attention import use_compact_attention
 
 TOKENS = (8, 128)
 SETTINGS = ("rad:keep=0.1,bits=4", "rad:keep=0.2,bits=2", "quant:bits=2")
+#: reentrant, so that rp.track_saved sees the recomputation (module doc)
+CHECKPOINTING = {"use_reentrant": True}
 
 
 def models():
@@ -61,7 +70,7 @@ def variants(base):
     """(label, model) of every row: exact, checkpointing, each setting with and without it."""
     yield "exact", copy.deepcopy(base)
     ckpt = copy.deepcopy(base)
-    ckpt.gradient_checkpointing_enable()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
     yield "checkpointing", ckpt
     for method in SETTINGS:
         for checkpointing in (False, True):
@@ -69,9 +78,13 @@ def variants(base):
             rp.convert(model, method)
             use_compact_attention(model)
             if checkpointing:
-                model.gradient_checkpointing_enable()
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
             label = f"`{method}`" + (" + checkpointing" if checkpointing else "")
             yield label, model
+    model = copy.deepcopy(base)
+    rp.convert(model, SETTINGS[1])
+    use_compact_attention(model, keep_output=True)
+    yield f"`{SETTINGS[1]}`, attention keeping O", model
 
 
 def main(out: Path) -> None:
@@ -83,8 +96,7 @@ def main(out: Path) -> None:
         f"Command: `PYTHONPATH=src python benchmarks/transformer_memory.py {out}`  ",
         f"Machine: {report.machine()}; {report.date()}; load {report.load()}.",
         "",
-        __doc__.split("\n\n")[0].replace("\n", " "),
-        "",
+        *(part.replace("\n", " ") + "\n" for part in __doc__.split("\n\n")[:2]),
     ]
     for name, (base, body) in models().items():
         rows, exact, ckpt = [], None, None

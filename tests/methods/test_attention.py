@@ -48,21 +48,66 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("fused", [True, False])
+#: the three paths: fused kernel re-run in backward, fused keeping O, chunked Function
+MODES = {
+    "fused": {"fused": True},
+    "keep_output": {"fused": True, "keep_output": True},
+    "chunked": {"fused": False},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_attention_equals_sdpa(case, fused):
+def test_attention_equals_sdpa(case, mode):
     q_shape, kv_shape, make_mask, causal, gqa = CASES[case]
     q, k, v = _qkv(q_shape, kv_shape)
     mask = make_mask()
     kwargs = dict(attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     ref = F.scaled_dot_product_attention(q, k, v, **kwargs)
-    out = attention(q, k, v, **kwargs, chunk_size=5, fused=fused)
+    out = attention(q, k, v, **kwargs, chunk_size=5, **MODES[mode])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     grad = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "float_mask_per_batch", "gqa"])
+def test_fused_recompute_gradients_are_sdpas_exactly(case):
+    """The fused path re-runs PyTorch's kernel in backward: forward and the gradients of the
+    inputs that require grad are bitwise PyTorch's (the same kernel on the same inputs)."""
+    q_shape, kv_shape, make_mask, causal, gqa = CASES[case]
+    q, k, v = _qkv(q_shape, kv_shape)
+    kwargs = dict(attn_mask=make_mask(), is_causal=causal, enable_gqa=gqa)
+    ref = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    out = attention(q, k, v, **kwargs)
+    assert out.grad_fn is not None and "FusedRecompute" in type(out.grad_fn).__name__
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(ref)
+    for wrt in ((q, k, v), (k,)):  # all inputs, and only some needing a gradient
+        ref_grads = torch.autograd.grad(ref, wrt, grad, retain_graph=True)
+        grads = torch.autograd.grad(out, wrt, grad, retain_graph=True)
+        for g, r in zip(grads, ref_grads, strict=True):
+            assert torch.equal(g, r)
+    q2 = q.detach().requires_grad_(False)  # q needs no gradient: none computed for it
+    (dk,) = torch.autograd.grad(attention(q2, k, v, **kwargs), (k,), grad)
+    (ref_dk,) = torch.autograd.grad(F.scaled_dot_product_attention(q2, k, v, **kwargs), (k,), grad)
+    assert torch.equal(dk, ref_dk)
+
+
+def test_fused_recompute_under_autocast_is_sdpas():
+    """Under autocast the backward re-runs the forward under the same autocast state."""
+    q, k, v = _qkv((2, 2, 16, 8), (2, 2, 16, 8), ev=8)
+    grad = torch.randn(2, 2, 16, 8)
+    results = []
+    for fn in (F.scaled_dot_product_attention, attention):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad.bfloat16())))
+    assert results[0][0].dtype == results[1][0].dtype == torch.bfloat16
+    for got, ref in zip(results[1], results[0], strict=True):
+        assert torch.equal(got, ref)
 
 
 def test_attention_mask_gradient_equals_sdpa():
@@ -110,19 +155,24 @@ def test_attention_bfloat16_close_to_sdpa():
     assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_attention_saves_no_score_matrix(fused, dropout_p):
+def test_attention_saves_no_score_matrix(mode, dropout_p):
     """Saved: Q, K, V (3 x L x E per head), the logsumexp (L per head) and, from PyTorch's fused
-    kernel, O; an L x S tensor alone would be 4x larger than that bound (S = 256, E = 16)."""
+    kernel keeping its output, O; an L x S tensor alone would be 4x larger than that bound
+    (S = 256, E = 16). The fused kernel re-run in backward keeps Q, K and V alone (no mask
+    given: its boolean mask is converted to a float L x S one, so the chunked path runs)."""
     heads, length, dim = 4, 256, 16
     q, k, v = _qkv((1, heads, length, dim), (1, heads, length, dim), ev=dim)
     mask = torch.rand(length, length) > 0.2
-    bound = 4 * heads * ((4 if fused and not dropout_p else 3) * length * dim + length)
+    keeps_o = mode == "keep_output" and not dropout_p
+    bound = 4 * heads * ((4 if keeps_o else 3) * length * dim + length)
     for kwargs in ({}, {"is_causal": True}, {"attn_mask": mask}):
         with rp.track_saved(exclude=[mask]) as saved:
-            out = attention(q, k, v, dropout_p=dropout_p, fused=fused, chunk_size=64, **kwargs)
+            out = attention(q, k, v, dropout_p=dropout_p, chunk_size=64, **MODES[mode], **kwargs)
         assert 0 < saved.bytes <= bound < 4 * heads * length * length
+        if mode == "fused" and not dropout_p and "attn_mask" not in kwargs:
+            assert saved.bytes == 4 * heads * 3 * length * dim
         out.sum().backward()
     # the positive control: PyTorch's own dropout path keeps the L x S probabilities
     with rp.track_saved() as saved:

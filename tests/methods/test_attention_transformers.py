@@ -48,10 +48,17 @@ def _run(model, ids, mask):
     return logits.detach(), [p.grad.clone() for p in model.parameters()], saved.bytes
 
 
-@pytest.mark.parametrize("fused", [True, False])
+IMPLEMENTATIONS = {
+    "randprop": {},
+    "randprop_keep_output": {"keep_output": True},
+    "randprop_chunked": {"fused": False},
+}
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
-def test_randprop_attention_equals_eager_and_saves_less(make, padded, fused):
+def test_randprop_attention_equals_eager_and_saves_less(make, padded, implementation):
     model = make().eval()
     ids = torch.randint(0, VOCAB, (2, SEQ))
     mask = None
@@ -60,8 +67,8 @@ def test_randprop_attention_equals_eager_and_saves_less(make, padded, fused):
         mask[1, :3] = 0
     model.set_attn_implementation("eager")
     ref_logits, ref_grads, ref_bytes = _run(model, ids, mask)
-    use_compact_attention(model, fused=fused)
-    assert model.config._attn_implementation == ("randprop" if fused else "randprop_chunked")
+    use_compact_attention(model, **IMPLEMENTATIONS[implementation])
+    assert model.config._attn_implementation == implementation
     logits, grads, saved = _run(model, ids, mask)
     torch.testing.assert_close(logits[:, 3:], ref_logits[:, 3:], rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
@@ -102,6 +109,8 @@ def test_randprop_attention_dropout_replayed_by_gradient_checkpointing():
 def test_use_compact_attention_needs_a_transformers_model():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         use_compact_attention(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="keep_output"):
+        use_compact_attention(_gpt2(), keep_output="yes")
 
 
 def test_randprop_does_not_import_transformers():

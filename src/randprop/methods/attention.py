@@ -14,7 +14,9 @@ masked gives a zero output, as PyTorch's scaled_dot_product_attention does.
 
 With ``fused`` and without dropout, where PyTorch's own fused kernel saves no L x S tensor
 (Q, K, V, O and l: the CPU flash kernel for 4-D inputs with no mask or a float mask; the CUDA
-flash and efficient kernels), :func:`attention` calls it instead: faster, one O more saved.
+flash and efficient kernels), :func:`attention` calls it instead. By default it keeps only Q, K
+and V and re-runs the fused forward in backward for O and l (exact: the same kernel on the same
+inputs; it costs one fused forward more); ``keep_output=True`` keeps O and l as PyTorch does.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from randprop import random as rnd
+from randprop.methods.base import needs_grad
 
 #: query rows per chunk of the pure-PyTorch path; its temporaries are batch x chunk x S
 DEFAULT_CHUNK = 128
@@ -37,6 +40,8 @@ DEFAULT_CHUNK = 128
 #: Function always
 TRANSFORMERS_NAME = "randprop"
 TRANSFORMERS_CHUNKED_NAME = "randprop_chunked"
+#: ... and PyTorch's fused kernel keeping its output, as PyTorch does (faster, one O more saved)
+TRANSFORMERS_KEEP_OUTPUT_NAME = "randprop_keep_output"
 
 _FUSED_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -157,6 +162,35 @@ class _AttentionFn(torch.autograd.Function):
         return dq, dk, dv, dmask, None
 
 
+class _FusedRecomputeFn(torch.autograd.Function):
+    """PyTorch's fused attention saving only Q, K, V (and a float mask): backward re-runs the
+    fused forward, under the autocast state of the forward, for O and l, then the fused
+    backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal: bool, scale: float, gqa: bool):
+        out = F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale=scale,
+                                             enable_gqa=gqa)  # fmt: skip
+        ctx.save_for_backward(_own(q), _own(k), _own(v), mask)
+        device = q.device.type
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.args = (causal, scale, gqa, device, autocast)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask = ctx.saved_tensors
+        causal, scale, gqa, device, (enabled, dtype) = ctx.args
+        needs = ctx.needs_input_grad[:3]
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k, v), needs, strict=True)]
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            out = F.scaled_dot_product_attention(*leaves, mask, 0.0, causal, scale=scale,
+                                                 enable_gqa=gqa)  # fmt: skip
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return (*(next(grads) if need else None for need in needs), None, None, None, None)
+
+
 def _own(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a compact copy where it views a larger storage (as the query, key and value
     split from one projection): saving the view would hold all of that storage. The copy is
@@ -208,6 +242,7 @@ def attention(
     enable_gqa: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     fused: bool = True,
+    keep_output: bool = False,
 ) -> torch.Tensor:
     """F.scaled_dot_product_attention whose backward stores no L x S tensor.
 
@@ -220,7 +255,10 @@ def attention(
     default CPU generator when dropout_p > 0 (as F.dropout consumes it), so torch.manual_seed
     controls it and activation checkpointing replays it. Without dropout and with ``fused``,
     PyTorch's fused kernel is called where it saves no L x S tensor itself (see
-    :func:`_fused_is_compact`); ``fused=False`` always runs the chunked pure-PyTorch Function.
+    :func:`_fused_is_compact`), saving Q, K, V and re-running its forward in backward for the
+    output O and logsumexp, or with ``keep_output`` saving O and the logsumexp as PyTorch does
+    (no re-run: faster, one O more saved); ``fused=False`` always runs the chunked pure-PyTorch
+    Function (saves Q, K, V and the logsumexp).
     """
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
@@ -253,6 +291,8 @@ def attention(
         rep = hq // hk
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if fused and dropout_p == 0.0 and _fused_is_compact(query, key, value, attn_mask, is_causal):
+        if not keep_output and needs_grad(query, key, value):
+            return _FusedRecomputeFn.apply(query, key, value, attn_mask, is_causal, scale, rep > 1)
         q, k, v = _own(query), _own(key), _own(value)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=rep > 1
@@ -277,12 +317,14 @@ def transformers_attention_forward(
     is_causal: bool | None = None,
     *,
     fused: bool = True,
+    keep_output: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature (as its sdpa_attention_forward): query, key,
     value (batch, heads, L, head_dim) -> ((batch, L, heads, head_dim), None). Dropout applies
     only while ``module.training``; its seed comes from the default CPU generator, which
-    transformers' own dropout would consume. ``fused`` as in :func:`attention`."""
+    transformers' own dropout would consume. ``fused`` and ``keep_output`` as in
+    :func:`attention`."""
     if kwargs.get("softcap") is not None:
         raise ValueError(
             f"the {TRANSFORMERS_NAME!r} attention does not support softcap; use 'eager' for "
@@ -314,15 +356,16 @@ def transformers_attention_forward(
         scale=scaling,
         enable_gqa=groups > 1,
         fused=fused,
+        keep_output=keep_output,
     )
     return out.transpose(1, 2).contiguous(), None
 
 
 def register_transformers() -> None:
     """Register :func:`transformers_attention_forward` as transformers' attention implementations
-    ``"randprop"`` and ``"randprop_chunked"`` (fused=False), with the masks transformers builds for
-    "sdpa" (boolean, or none and is_causal when only causal). Imports transformers, which
-    randprop otherwise never needs."""
+    ``"randprop"``, ``"randprop_chunked"`` (fused=False) and ``"randprop_keep_output"``
+    (keep_output=True), with the masks transformers builds for "sdpa" (boolean, or none and
+    is_causal when only causal). Imports transformers, which randprop otherwise never needs."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -330,14 +373,21 @@ def register_transformers() -> None:
     AttentionInterface.register(
         TRANSFORMERS_CHUNKED_NAME, functools.partial(transformers_attention_forward, fused=False)
     )
-    for name in (TRANSFORMERS_NAME, TRANSFORMERS_CHUNKED_NAME):
+    AttentionInterface.register(
+        TRANSFORMERS_KEEP_OUTPUT_NAME,
+        functools.partial(transformers_attention_forward, keep_output=True),
+    )
+    for name in (TRANSFORMERS_NAME, TRANSFORMERS_CHUNKED_NAME, TRANSFORMERS_KEEP_OUTPUT_NAME):
         AttentionMaskInterface.register(name, sdpa_mask)
 
 
-def use_compact_attention(model: nn.Module, *, fused: bool = True) -> nn.Module:
+def use_compact_attention(
+    model: nn.Module, *, fused: bool = True, keep_output: bool = False
+) -> nn.Module:
     """Switch a transformers model (a PreTrainedModel) to randprop's attention: exact, no L x S
-    tensor saved for backward, dropout by seed; ``fused`` as in :func:`attention` (False:
-    implementation "randprop_chunked", the chunked Function always). Returns the model;
+    tensor saved for backward, dropout by seed; ``fused`` and ``keep_output`` as in
+    :func:`attention` (implementation "randprop"; fused=False: "randprop_chunked", the chunked
+    Function always; keep_output=True: "randprop_keep_output"). Returns the model;
     ``model.set_attn_implementation("sdpa")`` switches back."""
     setter: Callable[[str], None] | None = getattr(model, "set_attn_implementation", None)
     if setter is None:
@@ -345,6 +395,13 @@ def use_compact_attention(model: nn.Module, *, fused: bool = True) -> nn.Module:
             f"model must be a transformers PreTrainedModel (with set_attn_implementation); "
             f"got {type(model).__name__}"
         )
+    if not isinstance(fused, bool) or not isinstance(keep_output, bool):
+        raise TypeError(
+            f"fused and keep_output must be True or False; got {fused!r}, {keep_output!r}"
+        )
     register_transformers()
-    setter(TRANSFORMERS_NAME if fused else TRANSFORMERS_CHUNKED_NAME)
+    if not fused:
+        setter(TRANSFORMERS_CHUNKED_NAME)
+    else:
+        setter(TRANSFORMERS_KEEP_OUTPUT_NAME if keep_output else TRANSFORMERS_NAME)
     return model
