@@ -15,6 +15,7 @@ import workers
 
 import randprop as rp
 from randprop.rules import MemDFA
+from randprop.train.distributed import Context, per_rank_buffers
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -91,3 +92,18 @@ def test_fsdp2_trains(ranks):
     for res in ranks:
         losses = res["fsdp"]["fsdp_losses"]
         assert losses[-1] < 0.97 * losses[0]
+
+
+def test_shard_splits_a_batch_evenly_or_names_the_constraint():
+    assert Context(1, 2).shard(torch.arange(6)).tolist() == [1, 3, 5]
+    with pytest.raises(ValueError, match="batch 5 must be a multiple of the number of processes"):
+        Context(0, 2).shard(torch.arange(5))
+
+
+def test_per_rank_buffers_names_estimator_state_before_a_forward_creates_it():
+    model = workers.mlp(0)
+    rp.convert(model, {"0": "aop", "2": "crs", "*": "exact"})
+    assert per_rank_buffers(model) == [
+        "0.aop_memory_x", "0.aop_memory_d", "0.aop_memory_count", "2.crs_grad_norm"
+    ]  # fmt: skip
+    assert not dict(model.named_buffers())

@@ -109,9 +109,7 @@ def session(device: str | torch.device = "cpu") -> Iterator[Context]:
     device = _local(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield Context(dist.get_rank(), dist.get_world_size(), device)
     finally:
