@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -39,7 +40,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     except OSError as err:  # a missing dataset or checkpoint (says how to get it), an unwritable
         raise ValueError(str(err)) from err  # run directory: one line, no traceback
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 alone reports
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -15,6 +15,11 @@ of the checkpoint's figure and its own; null when no step was measured. peak_for
 is the same over zero_grad, forward and backward only (without the optimizer step, whose state
 and update temporaries can dominate a small model's peak): it is where the methods' saved bytes
 show.
+
+Under torchrun (see :mod:`randprop.train.distributed`) every process trains its share of each
+batch (``batch`` is the global batch, split evenly) through DDP with its own draws and estimator
+state; rank 0 alone writes metrics, checkpoints and the summary, and a checkpoint holds every
+rank's method state and RNG state, which each rank gets back on resume.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from randprop.data import Splits, load_dataset
 from randprop.measure.peak import peak_memory, state_tensors
 from randprop.models.registry import MODELS, build_model
 from randprop.random import STREAM_DATA, STREAM_INIT, derive_seed, generator
+from randprop.train import distributed
 from randprop.train.baselines import install, matched_batch, saved_bytes_of
 from randprop.train.checkpoint import (
     CHECKPOINT,
@@ -242,7 +248,8 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, splits, callback, model, loss or loss_fn, batches)
+        with distributed.session(cfg.device) as ctx:
+            return _train(cfg, splits, callback, model, loss or loss_fn, batches, ctx)
     finally:
         torch.set_num_threads(threads)
 
@@ -254,6 +261,7 @@ def _train(
     given: nn.Module | None,
     loss_fn: LossFn,
     batches: Batches | None,
+    ctx: distributed.Context,
 ) -> dict:
     start_time = time.perf_counter()
     if given is None and cfg.model not in MODELS:
@@ -266,7 +274,7 @@ def _train(
             f"model {cfg.model!r} takes examples of shape {MODELS[cfg.model].input_shape}; "
             f"dataset {cfg.data!r} has {splits.input_shape}"
         )
-    device = torch.device(cfg.device)
+    device = ctx.device
     if cfg.out:
         check_out(cfg.out)
     out = Path(cfg.out) if cfg.out else None
@@ -285,10 +293,13 @@ def _train(
         method = "exact"
     if batch > len(x_train):
         raise ValueError(f"batch {batch} exceeds the {len(x_train)} training examples")
+    mine = ctx.shard(first[:batch])  # this rank's share of a batch (checks that it divides)
 
     model = given.to(device) if given is not None else build()
     rule = install(model, method, loss_fn, cfg.seed, model_name=cfg.model)
     report = getattr(rule, "report", None)
+    if ctx.parallel:
+        distributed.parallel_rule(rule, model, ctx)
     optimizer = _optimizer(cfg, model.parameters())
     scheduler = _scheduler(cfg, optimizer)
     metrics_path = out / "metrics.jsonl" if out else None
@@ -311,29 +322,38 @@ def _train(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        load_method_state(model, ckpt["method_state"])
+        own = ckpt.get("ranks") or [{}] * ctx.world_size  # each rank's own state, if saved
+        if len(own) != ctx.world_size:
+            raise ValueError(
+                f"cannot resume: the checkpoint is of {len(own)} processes, this run has "
+                f"{ctx.world_size}"
+            )
+        load_method_state(model, own[ctx.rank].get("method_state", ckpt["method_state"]))
         if ckpt.get("rule") is not None and hasattr(rule, "load_state_dict"):
             rule.load_state_dict(ckpt["rule"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(own[ctx.rank].get("rng", ckpt["rng"]))
         step, progress_state = ckpt["step"], {**progress_state, **ckpt["progress"]}
         saved, exact_saved = ckpt["saved_bytes"], ckpt["exact_saved_bytes"]
-        _truncate_metrics(metrics_path, step)
+        if ctx.main:
+            _truncate_metrics(metrics_path, step)
     else:
-        xb, yb = x_train[first[:batch]].to(device), y_train[first[:batch]].to(device)
+        xb, yb = x_train[mine].to(device), y_train[mine].to(device)
         saved = saved_bytes_of(build, method, xb, yb, loss_fn, cfg.seed)  # on a fresh model
         exact_saved = saved_bytes_of(build, "exact", xb, yb, loss_fn, cfg.seed)
         del xb, yb  # nothing of the set-up stays on the device during the steps
-        if out:
+        if out and ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             metrics_path.write_text("")
 
     def write(record: dict) -> None:
-        if metrics_path:
+        if metrics_path and ctx.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint() -> None:
-        if out:
+        own = {"method_state": method_state(model), "rng": rng_state()} if ctx.parallel else {}
+        ranks = ctx.gather(own) if ctx.parallel else None  # a collective: every rank calls it
+        if out and ctx.main:
             state = {
                 "identity": identity,
                 "config": cfg.to_dict(),
@@ -345,6 +365,7 @@ def _train(
                 "rule": rule.state_dict() if hasattr(rule, "state_dict") else None,
                 "rng": rng_state(),
                 "progress": progress_state,
+                "ranks": ranks,
                 "saved_bytes": saved,
                 "exact_saved_bytes": exact_saved,
             }
@@ -359,7 +380,7 @@ def _train(
         write(record)
         return record
 
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    show = ctx.main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
     bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=str(method), leave=False)
     in_step, measured = False, 0
     try:
@@ -369,6 +390,7 @@ def _train(
                     idx = batch_indices(len(x_train), batch, cfg.seed, step)
                 else:
                     idx = batches(step)
+                idx = ctx.shard(idx)
                 x, y = x_train[idx].to(device), y_train[idx].to(device)
                 in_step = True
                 tracked = measured < PEAK_STEPS
@@ -376,7 +398,7 @@ def _train(
                 t0 = time.perf_counter()
                 with meter:
                     optimizer.zero_grad(set_to_none=True)
-                    loss = float(rule.backward(x, y).detach())
+                    loss = ctx.mean(float(rule.backward(x, y).detach()))
                 step_meter = _step_meter(tracked, device, model, optimizer, rule, x, y)
                 with step_meter:  # the whole step's peak: the larger of the two parts
                     optimizer.step()
@@ -410,12 +432,13 @@ def _train(
                     checkpoint()
                 if callback is not None:
                     callback(step, loss)
-                if sigint["set"]:
+                if ctx.any(sigint["set"]):
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         if out and not in_step:
             checkpoint()
+        if out and not in_step and ctx.main:
             print(f"\ninterrupted: checkpoint at step {step} in {out / CHECKPOINT}; "
                   "continue with --resume", file=sys.stderr)  # fmt: skip
         raise
@@ -431,6 +454,7 @@ def _train(
         "batch": batch,
         "steps": step,
         "seed": cfg.seed,
+        "processes": ctx.world_size,
         "match_memory_of": cfg.match_memory_of,
         "memory_budget_bytes": budget,
         "optimizer": cfg.optimizer,
@@ -453,6 +477,6 @@ def _train(
         "conversion": _conversion(report),
     }
     rule.remove()
-    if out:
+    if out and ctx.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
