@@ -40,7 +40,6 @@ from functools import reduce
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from randprop.config import MethodConfig, check_seed
@@ -190,8 +189,8 @@ def _loss_of(batch, loss_fn) -> LossOf:
 def plan(
     model: nn.Module,
     batch: tuple[torch.Tensor, torch.Tensor],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-    budget: int | float = 0.25,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    budget: int | float,
     *,
     candidates: Sequence[str | MethodConfig] | None = None,
     draws: int = 8,
@@ -200,13 +199,17 @@ def plan(
     max_buckets: int = 1 << 18,
 ) -> Plan:
     """The per-layer methods minimising the total relative gradient variance of ``model`` on
-    ``batch`` (inputs, targets; loss ``loss_fn(model(inputs), targets)``) whose measured saved
-    bytes fit ``budget``: an int of bytes, or a float in (0, 1], a fraction of exact's saved
-    bytes. ``candidates``: the settings to choose from (default :data:`CANDIDATES`; exact is
-    always one); ``draws``: gradient
-    draws per setting; ``compact_ops``: also swap in the compact non-weight ops (exact ReLU
-    masks, k-bit smooth activations and norms) as convert does. The model is not modified.
-    Raises ValueError when the budget is below the smallest achievable total (it names it)."""
+    ``batch`` (inputs, targets; the loss ``loss_fn(model(inputs), targets)``, e.g.
+    F.cross_entropy) whose measured saved bytes fit ``budget``: an int of bytes, or a float in
+    (0, 1], a fraction of exact's saved bytes.
+
+    candidates: the settings to choose from (default :data:`CANDIDATES`; exact is always one).
+    draws: gradient draws per setting. compact_ops: also swap in the compact non-weight ops
+    (exact ReLU masks, k-bit smooth activations and norms) as convert does. max_buckets: the
+    most byte buckets of the dynamic program (finer plans exactly; see the module docstring).
+    The model is not modified. Raises ValueError when the budget is below the smallest
+    achievable total (the message names it, in bytes and as a fraction of exact's).
+    """
     return plan_loss(
         model, _loss_of(batch, loss_fn), budget, candidates=candidates, draws=draws, seed=seed,
         compact_ops=compact_ops, max_buckets=max_buckets,
