@@ -22,7 +22,11 @@ promised: a larger budget may move bytes from one layer to another).
 
 Bytes measured one layer at a time are conservative: where several layers read one tensor (the
 q, k and v projections of attention), freeing it takes all of them, so the planned model's
-measured total is at most the predicted one. It is measured at the end and reported.
+measured total is at most the predicted one. It is measured at the end and reported. Each
+candidate on every layer it converts (a uniform setting) is also measured whole, and plain
+PyTorch too; the plan is the least-variance one of the per-layer choice, the uniform settings and
+plain PyTorch that fits (fewest bytes among equal variance), so it is never worse than a uniform
+setting that fits, even where layers share inputs.
 
 Not planned: activation checkpointing of blocks (it changes the model's forward, not a layer's
 method, and its bytes do not add up per layer), and the methods that also approximate the input
@@ -100,9 +104,16 @@ class Measurements:
     fixed_bytes: int
     draws: int
     seed: int
+    #: per candidate: bytes measured with it on every layer it converts at once (exact elsewhere)
+    uniform_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def layer_minimum_bytes(self) -> int:
+        """The least predicted total of a per-layer choice."""
+        return self.fixed_bytes + sum(min(o.bytes for o in t.options) for t in self.layers)
 
     def minimum_bytes(self) -> int:
-        return self.fixed_bytes + sum(min(o.bytes for o in t.options) for t in self.layers)
+        """The least total of any plan: per-layer, uniform (measured whole) or plain exact."""
+        return min(self.layer_minimum_bytes(), self.exact_bytes, *self.uniform_bytes.values())
 
 
 @dataclasses.dataclass
@@ -354,6 +365,7 @@ def measure(
     reference = _layer_grads(work, loss_of, names)
     norms = [max(g.square().sum().item(), torch.finfo(torch.float64).tiny) for g in reference]
     options: dict[str, list[LayerOption]] = {n: [] for n in names}
+    uniform_bytes: dict[str, int] = {}
     for c in configs:
         layers = names if c == exact else converts[c]
         if not layers:
@@ -361,8 +373,12 @@ def measure(
         convert(work, spec(dict.fromkeys(layers, c)), seed=seed)
         mean = [torch.zeros_like(g) for g in reference]
         m2 = [torch.zeros_like(g) for g in reference]
+        with track_saved(work) as whole:
+            first = _layer_grads(work, loss_of, names)
+        uniform_bytes[str(c)] = whole.bytes
         for k in range(1, draws + 1):  # Welford
-            for i, g in enumerate(_layer_grads(work, loss_of, names)):
+            grads = first if k == 1 else _layer_grads(work, loss_of, names)
+            for i, g in enumerate(grads):
                 delta = g - mean[i]
                 mean[i] += delta / k
                 m2[i] += delta * (g - mean[i])
@@ -376,7 +392,8 @@ def measure(
             options[name].append(LayerOption(str(c), size, variance))
     kinds = dict(work.named_modules())
     tables = [LayerTable(n, type(kinds[n]).__name__, options[n]) for n in names]
-    return Measurements(tables, ops, exact_bytes, base - sum(held.values()), draws, seed)
+    fixed = base - sum(held.values())
+    return Measurements(tables, ops, exact_bytes, fixed, draws, seed, uniform_bytes)
 
 
 def choose(
@@ -395,6 +412,62 @@ def choose(
             f"{found.exact_bytes:,} B) is below the smallest achievable total, {minimum:,} B "
             f"({minimum / found.exact_bytes:.4f} of exact)"
         )
+    alternatives = []  # (variance, bytes, layers, methods, fixed bytes, note)
+    if limit >= found.layer_minimum_bytes():
+        layers, step = _knapsack(found, limit, max_buckets)
+        methods = {c.name: c.method for c in layers} | dict.fromkeys(found.ops, OPS_METHOD)
+        alternatives.append((sum(c.variance for c in layers), found.fixed_bytes +
+                             sum(c.bytes for c in layers), layers, methods, found.fixed_bytes,
+                             ""))  # fmt: skip
+    else:
+        step = 1
+    exact_layers = [_choice(t, t.options[0]) for t in found.layers]
+    for text, size in found.uniform_bytes.items():
+        # the setting on every layer it converts, measured whole: where layers share an input
+        # this is less than the per-layer bytes add up to
+        if size <= limit:
+            layers = [_choice(t, next((o for o in t.options if o.method == text), t.options[0]))
+                      for t in found.layers]  # fmt: skip
+            methods = {c.name: c.method for c in layers} | dict.fromkeys(found.ops, OPS_METHOD)
+            shared = size != found.fixed_bytes + sum(c.bytes for c in layers)
+            note = (f"uniform setting {text}, its total measured whole (layers sharing an input "
+                    "free it only together: the per-layer bytes, each measured alone, do not add "
+                    "up to it)") if shared else ""  # fmt: skip
+            alternatives.append((sum(c.variance for c in layers), size, layers, methods,
+                                 found.fixed_bytes, note))  # fmt: skip
+    if found.exact_bytes <= limit:
+        # plain PyTorch: exact layers without the compact ops (whose masks cost bytes where the
+        # next layer keeps its input anyway)
+        alternatives.append((0.0, found.exact_bytes, exact_layers,
+                             {c.name: c.method for c in exact_layers},
+                             found.exact_bytes - sum(c.bytes for c in exact_layers),
+                             "plain PyTorch: no compact ops"))  # fmt: skip
+    variance, predicted, layers, methods, fixed, note = min(alternatives, key=lambda a: a[:2])
+    return Plan(
+        methods=methods,
+        layers=layers,
+        budget_bytes=target,
+        exact_bytes=found.exact_bytes,
+        fixed_bytes=fixed,
+        minimum_bytes=minimum,
+        predicted_bytes=predicted,
+        measured_bytes=None,
+        total_variance=float(variance),
+        resolution_bytes=step,
+        draws=found.draws,
+        notes="; ".join(filter(None, (note, NOT_PLANNED))),
+    )
+
+
+def _choice(table: LayerTable, option: LayerOption) -> LayerChoice:
+    return LayerChoice(table.name, table.kind, option.method, option.bytes,
+                       table.options[0].bytes, option.variance)  # fmt: skip
+
+
+def _knapsack(found: Measurements, limit: int, max_buckets: int) -> tuple[list[LayerChoice], int]:
+    """The per-layer choice of least total variance whose predicted bytes fit ``limit`` (fewest
+    buckets among equal variance), and the bucket size in bytes."""
+    minimum = found.layer_minimum_bytes()
     lows = [min(o.bytes for o in t.options) for t in found.layers]
     extra = [[o.bytes - low for o in t.options] for t, low in zip(found.layers, lows, strict=True)]
     span = sum(max(e) for e in extra)
@@ -424,52 +497,18 @@ def choose(
         chosen.append(index)
         j -= math.ceil(row[index] / step)
     chosen.reverse()
-    layers = [
-        LayerChoice(
-            t.name,
-            t.kind,
-            t.options[i].method,
-            t.options[i].bytes,
-            t.options[0].bytes,
-            t.options[i].variance,
-        )  # fmt: skip
-        for t, i in zip(found.layers, chosen, strict=True)
-    ]
-    methods = {c.name: c.method for c in layers}
-    methods.update(dict.fromkeys(found.ops, OPS_METHOD))
-    fixed, predicted = found.fixed_bytes, found.fixed_bytes + sum(c.bytes for c in layers)
-    variance = float(sum(c.variance for c in layers))
-    if found.exact_bytes <= limit and (0.0, found.exact_bytes) < (variance, predicted):
-        # plain PyTorch fits: exact layers without the compact ops (whose masks cost bytes
-        # where the next layer keeps its input anyway)
-        layers = [dataclasses.replace(c, method=t.options[0].method, bytes=t.options[0].bytes,
-                                      variance=0.0) for c, t in zip(layers, found.layers,
-                                                                    strict=True)]  # fmt: skip
-        methods = {c.name: c.method for c in layers}
-        predicted, variance = found.exact_bytes, 0.0
-        fixed = predicted - sum(c.bytes for c in layers)
-    return Plan(
-        methods=methods,
-        layers=layers,
-        budget_bytes=target,
-        exact_bytes=found.exact_bytes,
-        fixed_bytes=fixed,
-        minimum_bytes=minimum,
-        predicted_bytes=predicted,
-        measured_bytes=None,
-        total_variance=variance,
-        resolution_bytes=step,
-        draws=found.draws,
-    )
+    layers = [_choice(t, t.options[i]) for t, i in zip(found.layers, chosen, strict=True)]
+    return layers, step
 
 
 def uniform(found: Measurements, method: str | MethodConfig) -> tuple[int, float]:
-    """(predicted bytes, total relative variance) of ``method`` on every layer it converts
-    (exact elsewhere), from the measurements: the uniform setting a plan is compared with."""
+    """(measured bytes, total relative variance) of ``method`` on every layer it converts
+    (exact elsewhere; a candidate of ``found``): the uniform setting a plan is compared with."""
     text = str(parse_method(method))
-    total_bytes, total_var = found.fixed_bytes, 0.0
+    if text not in found.uniform_bytes:
+        raise ValueError(f"plan: {text} is not among the measured candidates")
+    total_var = 0.0
     for table in found.layers:
         option = next((o for o in table.options if o.method == text), table.options[0])
-        total_bytes += option.bytes
         total_var += option.variance
-    return total_bytes, total_var
+    return found.uniform_bytes[text], total_var
