@@ -28,7 +28,7 @@ import torch
 from randprop.data import load_dataset
 from randprop.experiments import report
 from randprop.experiments.registry import quick_splits, suite
-from randprop.plan import CANDIDATES, choose, measure, uniform
+from randprop.plan import choose, measure, uniform
 from randprop.train import TrainConfig, train
 from randprop.train.baselines import largest_batch, saved_bytes_of
 from randprop.train.loop import build_seeded, loss_fn
@@ -79,10 +79,10 @@ def _small_batch(net: str, seed: int, x, y, budget: int) -> int:
     return largest_batch(fits, len(x))
 
 
-def _uniform_choices(found, budget: int, candidates) -> list[dict]:
-    """The UNIFORM_TOP fitting uniform settings of least total relative variance."""
+def _uniform_choices(found, budget: int) -> list[dict]:
+    """The UNIFORM_TOP fitting uniform settings (measured whole) of least total variance."""
     rows = []
-    for method in candidates or CANDIDATES:
+    for method in found.uniform_bytes:  # the candidates that convert a layer of the net
         if method == "exact":
             continue
         size, variance = uniform(found, method)
@@ -125,7 +125,7 @@ def run_net(net: str, splits, p: dict, runs: Path) -> dict:
             entry = info.setdefault(label, {"budget_bytes": budget, "minimum_bytes":
                                             found.minimum_bytes()})  # fmt: skip
             if seed == p["seeds"][0]:
-                entry["uniform"] = _uniform_choices(found, budget, p["candidates"])
+                entry["uniform"] = _uniform_choices(found, budget)
             try:
                 planned = choose(found, budget)
             except ValueError as err:  # below the smallest total: said in the report
