@@ -13,7 +13,7 @@ are measured, never computed by hand:
   gradient back exactly, so one copy with c on every layer it converts measures all layers.
 
 The plan minimises sum_l v_l(c_l) subject to B0 + sum_l b_l(c_l) <= budget: a multiple-choice
-knapsack solved exactly by dynamic programming over byte buckets of ``resolution`` bytes (each
+knapsack solved exactly by dynamic programming over byte buckets (``resolution_bytes``; each
 b_l rounded up, so the predicted total never exceeds the budget; the bucket is the gcd of the
 measured sizes, i.e. exact, unless that would need more than ``max_buckets`` buckets). Among
 plans of equal variance the one with fewest bytes wins, so as the budget grows the planned total
