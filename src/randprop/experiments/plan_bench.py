@@ -131,13 +131,13 @@ def run_net(net: str, splits, p: dict, runs: Path) -> dict:
             except ValueError as err:  # below the smallest total: said in the report
                 entry["plan_error"], planned = str(err), None
             if planned is not None:
-                summary = _train(net, splits, p, seed, runs, f"plan{label}",
+                summary = _train(net, splits, p, seed, runs, f"plan-{fraction:g}",
                                  method=planned.methods)  # fmt: skip
                 summary["total_variance"] = planned.total_variance
                 summary["methods"] = {c.name: c.method for c in planned.layers}
                 plans.setdefault(label, []).append(summary)
-            for u in entry["uniform"]:
-                s = _train(net, splits, p, seed, runs, f"u{label}{u['method']}",
+            for i, u in enumerate(entry["uniform"]):
+                s = _train(net, splits, p, seed, runs, f"uniform{i}-{fraction:g}",
                            method=u["method"])  # fmt: skip
                 s["total_variance"] = uniform(found, u["method"])[1]
                 uniforms.setdefault(f"{label}|{u['method']}", []).append(s)
@@ -145,7 +145,7 @@ def run_net(net: str, splits, p: dict, runs: Path) -> dict:
             entry["small_batch"] = small
             if small:
                 per.setdefault(f"small{label}", []).append(
-                    _train(net, splits, p, seed, runs, f"small{label}", method="exact",
+                    _train(net, splits, p, seed, runs, f"small-{fraction:g}", method="exact",
                            batch=small))  # fmt: skip
     rows = []
     for label in BUDGET_LABELS:
