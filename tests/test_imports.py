@@ -28,6 +28,7 @@ RANKS = {
     "functional": 1,
     "convert": 2,
     "measure": 3,
+    "plan": 3,
     "rules": 4,
     "pde": 4,
     "data": 4,
@@ -36,6 +37,7 @@ RANKS = {
     "experiments": 6,
     "cli": 7,
     "cli_train": 7,
+    "cli_plan": 7,
     "__main__": 7,
 }
 #: ``import randprop``: the package's public names (__all__) come from layers up to rules

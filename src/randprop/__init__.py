@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     )
     from randprop.methods.loss import LinearCrossEntropy
     from randprop.methods.quant_saved import quantize_saved
+    from randprop.plan import Plan, plan
 
 __version__ = "0.1.0"
 
@@ -64,6 +65,7 @@ _EXPORTS = {
     ),
     **dict.fromkeys(("MethodConfig", "Quant", "parse_method", "reset_memory"), "randprop.methods"),
     "quantize_saved": "randprop.methods.quant_saved",
+    **dict.fromkeys(("Plan", "plan"), "randprop.plan"),
     "LinearCrossEntropy": "randprop.methods.loss",
 }
 #: subpackages and modules reachable as attributes (``rp.rules.FA``)
@@ -96,6 +98,7 @@ __all__ = [
     "GradientDiagnostics",
     "LinearCrossEntropy",
     "MethodConfig",
+    "Plan",
     "Quant",
     "SparseVJP",
     "Trace",
@@ -106,6 +109,7 @@ __all__ = [
     "method_state",
     "parse_method",
     "pde",
+    "plan",
     "quantize_saved",
     "reset_memory",
     "restore",
@@ -129,12 +133,12 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """The package's module type. Importing the submodule randprop.convert would set the
-    package attribute ``convert`` to that module; ``rp.convert`` is the function, so the
-    submodule (always in sys.modules) is not bound over it."""
+    """The package's module type. Importing the submodule randprop.convert (randprop.plan) would
+    set the package attribute ``convert`` (``plan``) to that module; ``rp.convert`` is the
+    function, so the submodule (always in sys.modules) is not bound over it."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "convert" and isinstance(value, types.ModuleType):
+        if name in ("convert", "plan") and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)
 

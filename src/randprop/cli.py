@@ -252,9 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a scaled-down smoke run")
     p.set_defaults(fn=cmd_bench)
 
-    from randprop import cli_train
+    from randprop import cli_plan, cli_train
 
     cli_train.add_commands(sub)
+    cli_plan.add_commands(sub)
     return parser
 
 

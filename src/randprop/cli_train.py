@@ -7,14 +7,27 @@ import json
 import os
 from pathlib import Path
 
+from randprop.cli_plan import parse_budget, plan_builtin
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from randprop.train import TrainConfig, train
 
+    method, planned, splits = args.method, None, None
+    if args.budget is not None:
+        if args.method != "exact" or args.match_memory_of:
+            raise ValueError("--budget plans every layer's method: drop --method and "
+                             "--match-memory-of")  # fmt: skip
+        planned, splits = plan_builtin(args.model, args.data, args.batch, args.budget,
+                                       seed=args.seed, data_root=args.data_root,
+                                       val_fraction=args.val_fraction)  # fmt: skip
+        method = planned.methods
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "plan.json").write_text(planned.to_json() + "\n")
     cfg = TrainConfig(
         model=args.model,
         data=args.data,
-        method=args.method,
+        method=method,
         batch=args.batch,
         steps=args.steps,
         seed=args.seed,
@@ -35,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     try:
-        summary = train(cfg)
+        summary = train(cfg, splits=splits)
     except KeyboardInterrupt:
         return 130
     except OSError as err:  # a missing dataset or checkpoint (says how to get it), an unwritable
@@ -85,6 +98,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="train exact backprop with the largest batch whose measured saved bytes do not "
         "exceed METHOD's at --batch",
     )
+    p.add_argument(
+        "--budget", type=parse_budget, default=None,
+        help="plan every layer's method to fit this fraction of exact's saved bytes (0.1, 1/8) "
+        "or bytes (rp.plan on the first training batch; writes OUT/plan.json), then train",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=None, help="folder of user-supplied data (cifar10)")
     p.add_argument("--val-fraction", type=float, default=0.1)

@@ -7,6 +7,7 @@ from randprop.experiments import (
     aop_mnist,  # noqa: F401
     feedback,  # noqa: F401
     memory_bench,  # noqa: F401
+    plan_bench,  # noqa: F401
     quant_mnist,  # noqa: F401
     rad_mnist,  # noqa: F401
     rad_pde,  # noqa: F401
