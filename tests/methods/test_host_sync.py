@@ -257,10 +257,25 @@ def _rule(kind: str, device: str) -> Callable[[], None]:
     return lambda: F.cross_entropy(model(x), y).backward()
 
 
+def _quantize_saved(device: str) -> Callable[[], None]:
+    """rp.quantize_saved's hooks on a plain model (a RAD layer inside, left alone)."""
+    model = Cnn().to(device)
+    rp.convert(model.head, rp.RAD(keep=0.5), seed=1)
+    rp.quantize_saved(model, bits=4, min_numel=1)
+    return _train_step(model, _batch(model, torch.device(device)))
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["functional", "fa-stored", "fa-regenerated", "dfa", "memdfa"])
+@pytest.mark.parametrize(
+    "kind", ["functional", "quantize-saved", "fa-stored", "fa-regenerated", "dfa", "memdfa"]
+)
 def test_compact_ops_and_rules_never_synchronise(kind, device):
-    step = _functional_model(device) if kind == "functional" else _rule(kind, device)
+    if kind == "functional":
+        step = _functional_model(device)
+    elif kind == "quantize-saved":
+        step = _quantize_saved(device)
+    else:
+        step = _rule(kind, device)
     step()
     assert count_syncs(step, torch.device(device)) == []
 
