@@ -89,3 +89,22 @@ def test_subseed_differs_from_its_seed_and_between_tags():
     seeds = {subseed(s, t) for s in range(50) for t in (SUBSEED_QUANT, 2)}
     assert len(seeds) == 100 and not seeds & set(range(50))
     assert subseed(5, SUBSEED_QUANT) == subseed(5, SUBSEED_QUANT) < 2**63
+
+
+def test_systematic_slots_inclusion_probabilities_with_a_fractional_total():
+    """Each index is in a valid slot with probability probs[i], at most once; the positive
+    control (probabilities read off a shifted vector) is rejected by the same check."""
+    probs = torch.tensor([0.9, 0.05, 0.4, 0.65, 1.0, 0.0, 0.3])  # sums to 3.3: 4 slots
+    gen = rnd.generator(2)
+    draws, counts = 3000, torch.zeros(7, dtype=torch.float64)
+    for _ in range(draws):
+        idx, valid = rnd.systematic_slots(probs, 4, gen)
+        kept = idx[valid]
+        assert idx.shape == valid.shape == (4,) and kept.unique().numel() == kept.numel()
+        counts[kept] += 1
+    p = probs.double()
+    bound = 4.5 * (p * (1 - p) / draws).sqrt() + 1e-12
+    assert ((counts / draws - p).abs() <= bound).all(), counts / draws
+    assert not ((counts / draws - p.roll(1)).abs() <= bound).all()
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        rnd.systematic_slots(probs, 0, gen)

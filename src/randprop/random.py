@@ -228,3 +228,26 @@ def systematic_indices(probs: torch.Tensor, k: int, gen: torch.Generator) -> tor
     u = torch.rand((), generator=gen, device=probs.device, dtype=torch.float64)
     points = u + torch.arange(k, device=probs.device, dtype=torch.float64)
     return order[torch.searchsorted(ends, points, right=True).clamp_max(n - 1)]
+
+
+def systematic_slots(
+    probs: torch.Tensor, k: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Systematic sampling in ``k`` fixed slots: (indices (k,), valid (k,) bool), index i in a
+    valid slot with probability exactly ``probs[i]`` and in at most one.
+
+    As :func:`systematic_indices`, for ``probs`` (1-D, each in [0, 1]) summing to any S <= k:
+    the points u + j, j < k, below S are the valid slots (the others hold some index). The
+    shapes never depend on the draw, so nothing is read back to the host. Zero probabilities
+    are ordered first, so that a point rounded past the last end lands on a positive one.
+    """
+    n = probs.numel()
+    if not 0 < k or n == 0:
+        raise ValueError(f"k must be at least 1 and probs non-empty; got k={k}, n={n}")
+    keys = torch.rand(n, generator=gen, device=probs.device)
+    order = torch.where(probs > 0, keys, -1.0).argsort()
+    ends = probs.double()[order].cumsum(0)
+    u = torch.rand((), generator=gen, device=probs.device, dtype=torch.float64)
+    points = u + torch.arange(k, device=probs.device, dtype=torch.float64)
+    idx = order[torch.searchsorted(ends, points, right=True).clamp_max(n - 1)]
+    return idx, points < ends[-1]

@@ -277,3 +277,42 @@ def test_trace_cnn_saves_ten_times_less_with_first_conv_exact():
     traced = converted_copy(model, {"0": "exact", "*": "trace:probes=16"})
     assert type(traced[0]) is nn.Conv2d and isinstance(traced[3], T.TraceConv2d)
     assert exact >= 10 * saved_for_backward(traced, x, y).bytes
+
+
+class _InputSized(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every tensor of ``shape`` that an op makes or reads, but for the one
+    ``allowed`` output (the input gradient itself)."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.shape, self.seen = shape, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_flatten((args, kwargs, out))[0]
+        if any(isinstance(t, torch.Tensor) and t.shape == self.shape for t in flat):
+            self.seen.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 0), (3, 2)])
+def test_input_gradient_makes_no_input_sized_stand_in(stride, padding):
+    """Backward computes dX as a transposed convolution to the input's shape: the only
+    input-sized tensor it touches is dX itself (convolution_backward would take, and some
+    backends materialise, an input-sized zero stand-in for X). A control: a backward that
+    does build one is seen."""
+    layer = nn.Conv2d(3, 4, 3, stride=stride, padding=padding)
+    want = copy.deepcopy(layer)
+    rp.convert(layer, rp.Trace(probes=3))
+    x = torch.randn(2, 3, 9, 11, requires_grad=True)  # not the probes' shape (3, 3, 9, 11)
+    out = layer(x)
+    grad = torch.randn_like(out)
+    mode = _InputSized(x.shape)
+    with mode:
+        (dx,) = torch.autograd.grad(out, x, grad)
+    assert mode.seen == ["aten.convolution.default"], mode.seen  # the transposed conv making dX
+    x_ref = x.detach().requires_grad_()
+    torch.testing.assert_close(dx, torch.autograd.grad(want(x_ref), x_ref, grad)[0])
+    with mode:
+        x.new_zeros(()).expand(x.shape).contiguous()
+    assert len(mode.seen) > 1

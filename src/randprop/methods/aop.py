@@ -22,7 +22,9 @@ Memory, held in buffers of the layer:
   sqrt(decay). With decay = 1, applied updates plus G_q^T A_q equal the sum of the exact
   gradients, exactly, as long as the queue has room: it holds ceil(capacity x rows of the first
   batch) rows, and when more are left over the lowest-score ones are dropped (counted in the
-  layer's ``aop_dropped``).
+  layer's ``aop_dropped``, a 0-dim tensor on the layer's device). Every step works on the whole
+  queue (its rows past the count are zero and never chosen before a filled one), so that no
+  shape depends on the count and nothing is read back to the host.
 - off: no memory.
 
 target="input" applies the same selection to dX = D W = sum_j D[:, j] W[j, :] over the m output
@@ -199,13 +201,28 @@ def _ensure_memory(
 # --- selection and the estimated gradients ----------------------------------------------------
 
 
-def select(scores: torch.Tensor, k: int, policy: str, gen: torch.Generator) -> torch.Tensor:
-    """Indices of the ``k`` outer products kept, given their scores |a_i| |g_i| (1-D)."""
+def select(
+    scores: torch.Tensor,
+    k: int,
+    policy: str,
+    gen: torch.Generator,
+    filled: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices of the ``k`` outer products kept, given their scores |a_i| |g_i| (1-D); with the
+    mask ``filled``, the others only after every filled one (an empty queue slot)."""
     if policy == "topk":
+        if filled is not None:
+            scores = scores.where(filled, -1.0)
         return scores.topk(k, sorted=False).indices
     if policy == "weighted":
-        return rnd.weighted_indices(scores.square(), k, gen)
-    return rnd.sample_indices(scores.numel(), k, gen, scores.device)
+        weights = scores.square()
+        if filled is not None:
+            weights = weights.where(filled, 0.0)
+        return rnd.weighted_indices(weights, k, gen)
+    if filled is None:
+        return rnd.sample_indices(scores.numel(), k, gen, scores.device)
+    keys = torch.rand(scores.numel(), generator=gen, device=scores.device)  # as sample_indices
+    return keys.where(filled, -1.0).topk(k, sorted=False).indices
 
 
 def _row_scores(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -235,26 +252,27 @@ def weight_grad(
             if scale != 1:
                 rows.mul_(scale)
         return grad
-    queued = int(owner.aop_memory_count)
-    a = torch.cat([x.to(mem_x.dtype), mem_x[:queued]])
-    g = torch.cat([d.to(mem_d.dtype), mem_d[:queued]])
+    count = owner.aop_memory_count
+    a = torch.cat([x.to(mem_x.dtype), mem_x])
+    g = torch.cat([d.to(mem_d.dtype), mem_d])
     scores = _row_scores(a, g)
-    idx = select(scores, k, cfg.policy, gen)
+    filled = torch.arange(a.shape[0], device=a.device) < x.shape[0] + count
+    idx = select(scores, k, cfg.policy, gen, filled)
     grad = _gemm(a, g, idx)
-    unused = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
-    unused[idx] = False
-    rest = unused.nonzero().squeeze(1)
+    unused = filled.index_fill(0, idx, False)
+    left = unused.sum()
     capacity = mem_x.shape[0]
-    if rest.numel() > capacity:
-        owner.aop_dropped = getattr(owner, "aop_dropped", 0) + rest.numel() - capacity
-        rest = rest[scores[rest].topk(capacity, sorted=False).indices]
-    kept = rest.numel()
+    # the unused rows, the lowest scores dropped past the capacity, in their order in (a, g)
+    best = scores.where(unused, -1.0).topk(capacity, sorted=False).indices
+    rest = best.where(unused[best], best + a.shape[0]).sort().values.remainder(a.shape[0])
+    kept = left.clamp_max(capacity)
+    owner.aop_dropped = getattr(owner, "aop_dropped", 0) + (left - kept)
+    keep = (torch.arange(capacity, device=a.device) < kept)[:, None]
     for mem, rows in ((mem_x, a), (mem_d, g)):
-        mem[:kept] = rows.index_select(0, rest)
-        mem[kept:queued].zero_()  # rows past the count stay zero
+        mem.copy_(rows.index_select(0, rest).where(keep, 0.0))  # rows past the count: zero
         if scale != 1:
-            mem[:kept].mul_(scale)
-    owner.aop_memory_count.fill_(kept)
+            mem.mul_(scale)
+    count.copy_(kept)
     return grad
 
 

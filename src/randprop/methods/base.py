@@ -417,11 +417,32 @@ def conv_forward(ctx, x, weight, bias, stride, padding, dilation, groups) -> tor
 
 
 def conv_backward(grad, x, x_shape, weight, bias_shape, conv: ConvArgs, mask):
-    """aten.convolution_backward; when ``x`` is None only its shape is used (the input and bias
-    gradients never read the input's values)."""
+    """aten.convolution_backward. When ``x`` is None (no weight gradient: the input and bias
+    gradients never read the input's values) the input gradient is the transposed convolution
+    of ``grad`` to ``x_shape`` and the bias gradient the sum of ``grad``, so that no
+    input-sized stand-in for ``x`` is made (convolution_backward would materialise one)."""
     stride, padding, dilation, zeros, groups = conv
     if x is None:
-        x = grad.new_zeros(()).expand(x_shape)
+        if mask[1]:
+            raise ValueError("conv_backward: the weight gradient needs the input x, got None")
+        grad_x = grad_b = None
+        if mask[0]:
+            sizes = zip(
+                x_shape[2:],
+                grad.shape[2:],
+                stride,
+                padding,
+                dilation,
+                weight.shape[2:],
+                strict=True,
+            )
+            extra = [n - ((g - 1) * s - 2 * p + d * (k - 1) + 1) for n, g, s, p, d, k in sizes]
+            grad_x = torch.convolution(
+                grad, weight, None, stride, padding, dilation, True, extra, groups
+            )
+        if mask[2]:
+            grad_b = grad.sum([0, *range(2, grad.dim())])
+        return grad_x, None, grad_b
     return torch.ops.aten.convolution_backward(
         grad, x, weight, bias_shape, stride, padding, dilation, False, zeros, groups, mask
     )

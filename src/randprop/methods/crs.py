@@ -105,26 +105,27 @@ def choose_rows(
     scores: torch.Tensor, k: int, winners: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, weights) of the K rows stored: the winners with weight 1, then the sampled rows
-    with weight 1 / p_i (``scores``: 1-D, non-negative; ``winners``: the least winner count)."""
+    with weight 1 / p_i (``scores``: 1-D, non-negative; ``winners``: the least winner count).
+    The winner count W stays on the device and the K slots are fixed (slot j < W: winner j,
+    else the sampled point j - W), so nothing is read back to the host."""
     n = scores.numel()
     s, order = scores.double().sort(descending=True)
     suffix = s.flip(0).cumsum(0).flip(0)
     j = torch.arange(n, device=s.device)
     # the least W >= winners with (K - W) s_W <= sum_{i >= W} s_i: no probability above 1
     fits = ((k - j) * s <= suffix) & (j >= winners) & (j <= k)
-    first = fits.nonzero()
-    w = int(first[0]) if first.numel() else k
+    w = torch.where(fits.any(), fits.int().argmax(), k)
     rest = k - w
-    if rest == 0:
-        return order[:k], torch.ones(k, device=s.device)
-    total = suffix[w]
-    if total > 0:
-        p = rest * s[w:] / total
-    else:  # every remaining row is zero: any probabilities are unbiased
-        p = torch.full((n - w,), rest / (n - w), dtype=s.dtype, device=s.device)
-    picked = rnd.systematic_indices(p, rest, gen)
-    idx = torch.cat([order[:w], order[w:][picked]])
-    weights = torch.cat([torch.ones(w, dtype=s.dtype, device=s.device), 1 / p[picked]])
+    total = suffix.index_select(0, w.clamp_max(n - 1).view(1))
+    # every remaining row zero: any probabilities are unbiased, take them equal
+    p_rest = torch.where(total > 0, rest * s / total, rest / (n - w).clamp_min(1))
+    p = torch.where(j >= w, p_rest, 0.0)
+    picked, _ = rnd.systematic_slots(p, k, gen)  # points u + i, i < K - W, are the sample
+    slot = torch.arange(k, device=s.device)
+    sampled = picked[(slot - w).clamp_min(0)]
+    winner = slot < w
+    idx = order[torch.where(winner, slot, sampled)]
+    weights = torch.where(winner, 1.0, p[sampled].reciprocal())
     return idx, weights.float()
 
 

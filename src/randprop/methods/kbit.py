@@ -15,8 +15,6 @@ Backward dequantizes the values before using them (a transient of their full-pre
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from randprop import random as rnd
@@ -64,26 +62,3 @@ def unpack(tensors: tuple[torch.Tensor | None, ...] | list, meta: Meta) -> torch
     if meta is None:
         return tensors[0]
     return QuantizedTensor.rebuild(tuple(tensors), meta).dequantize()
-
-
-def pack_all(
-    values: list[torch.Tensor], bits: int, group: int, seeds: list[int]
-) -> tuple[list[torch.Tensor | None], list[tuple[int, Meta]]]:
-    """:func:`pack` of each of ``values`` with its seed: (all the tensors, in order; per value
-    the number of its tensors and its meta)."""
-    flat: list[torch.Tensor | None] = []
-    layout: list[tuple[int, Meta]] = []
-    for v, seed in zip(values, seeds, strict=True):
-        tensors, meta = pack(v, bits, group, seed)
-        flat.extend(tensors)
-        layout.append((len(tensors), meta))
-    return flat, layout
-
-
-def unpack_all(flat, layout: list[tuple[int, Meta]]) -> Iterator[torch.Tensor | None]:
-    """The values of :func:`pack_all` from its tensors, as saved, and layout: one at a time, so
-    that only one is dequantized at once."""
-    start = 0
-    for n, meta in layout:
-        yield unpack(flat[start : start + n], meta)
-        start += n

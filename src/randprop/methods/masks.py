@@ -16,7 +16,6 @@ from randprop.methods.base import ConvertedLayer
 from randprop.methods.dropout import COMPACT_DROPOUT
 from randprop.methods.pooling import COMPACT_POOLS
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
 _SPREAD = 0x0102040810204080
 
 
@@ -48,7 +47,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a boolean tensor of ``shape``."""
     numel = shape.numel()
-    bits = packed.unsqueeze(1) >> _SHIFTS.to(packed.device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)  # made there: no copy
+    bits = packed.unsqueeze(1) >> shifts
     bits &= 1  # in place, and read as bool without a copy: one byte per element in all
     return bits.view(-1)[:numel].view(shape).view(torch.bool)
 

@@ -24,10 +24,11 @@ from randprop.rules.registry import LossFn
 def he_normal(
     shape: tuple[int, ...], fan_in: int, seed: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """N(0, 2 / fan_in) entries drawn on the CPU from ``seed`` (identical on every device)."""
-    gen = rnd.generator(seed, "cpu")
-    b = rnd.gaussian(shape, gen, torch.device("cpu"), torch.float32) * math.sqrt(2.0 / fan_in)
-    return b.to(device=device, dtype=dtype)
+    """N(0, 2 / fan_in) entries drawn on ``device`` from ``seed`` (the same on every device of
+    one kind; drawn there, so regenerating it in backward copies nothing from the host)."""
+    gen = rnd.generator(seed, device)
+    b = rnd.gaussian(shape, gen, torch.device(device), torch.float32) * math.sqrt(2.0 / fan_in)
+    return b.to(dtype)
 
 
 class InstalledRule:

@@ -15,8 +15,11 @@ so, as for a Linear layer (functional.py), storing unbiased sketches x_hat_t, h_
   derivatives need the gate activations and the cell states, which are stored exactly (5H per
   step); h_{t-1} enters only through W_hh h_{t-1}, so it is stored as a sketch.
 
-Every step sketches with its own seed derive_seed(layer_seed, kind, t) (kind 0: input, 1:
-hidden), the layer seed coming from the converted module's seed stream.
+All steps are sketched in one call, as the T*B rows of one Linear input (one draw per kind,
+seed derive_seed(layer_seed, kind); kind 0: input, 1: hidden), the layer seed coming from the
+converted module's seed stream; the weight gradient is then one :func:`linear_weight_grad` over
+the T*B rows (a GEMM per chunk of rows, as for a Linear layer) instead of one per step. As for a
+Linear input, ``same_sample`` shares one pattern across all rows: the batch and the steps.
 """
 
 from __future__ import annotations
@@ -37,21 +40,23 @@ from randprop.random import derive_seed
 _INPUT, _HIDDEN = 0, 1
 
 
-def _sketch_sequence(rows: list[torch.Tensor], cfg: RAD, seed: int, kind: int, first: int):
-    """RAD sketches of the (B, n) tensors ``rows`` (time steps first, first, ...), in
-    ``cfg.bits``: (the tensors to save, their layout for kbit.unpack_all)."""
-    seeds = [derive_seed(seed, kind, first + i) for i in range(len(rows))]
-    sketches = [compress(r.unsqueeze(1), cfg, s) for r, s in zip(rows, seeds, strict=True)]
-    return kbit.pack_all(sketches, cfg.bits, cfg.group, seeds)
+def _sketch_sequence(rows: torch.Tensor | None, cfg: RAD, seed: int, kind: int):
+    """The RAD sketch of every step of the (S, B, n) ``rows`` at once, as S*B rows of one
+    Linear input, in ``cfg.bits``: (the tensors to save, their kbit meta); ((None,), None)
+    for None or no steps."""
+    if rows is None or rows.shape[0] == 0:
+        return (None,), None
+    s = derive_seed(seed, kind)
+    return kbit.pack(compress(rows.reshape(-1, 1, rows.shape[-1]), cfg, s), cfg.bits, cfg.group, s)
 
 
 def _weight_grad(grad_z: torch.Tensor, stored, n: int, cfg: RAD, seed: int, kind: int, first: int):
-    """sum_t dz_t^T x_hat_t over the steps t = first.. that have a sketch in ``stored``."""
-    grad = grad_z.new_zeros(grad_z.shape[-1], n)
-    for i, s in enumerate(stored):
-        t = first + i
-        grad += linear_weight_grad(grad_z[t], s, n, cfg, derive_seed(seed, kind, t))
-    return grad
+    """sum_{t >= first} dz_t^T x_hat_t: one :func:`linear_weight_grad` over the rows of all
+    the sketched steps (zero when none is)."""
+    if stored is None:
+        return grad_z.new_zeros(grad_z.shape[-1], n)
+    d = grad_z[first:].reshape(-1, grad_z.shape[-1])
+    return linear_weight_grad(d, stored, n, cfg, derive_seed(seed, kind))
 
 
 def _input_part(x: torch.Tensor, w_ih: torch.Tensor, b_ih, b_hh) -> torch.Tensor:
@@ -68,12 +73,12 @@ def _sketch_inputs(ctx, x, h0, out, b_ih, b_hh, cfg: RAD, seed: int, w_ih_index:
     :func:`_parameter_grads` needs besides goes to ctx.layer. h_{t-1} starts at step 1 when h0
     is None: a zero initial state adds nothing to dW_hh."""
     need_ih, need_hh = ctx.needs_input_grad[w_ih_index : w_ih_index + 2]
-    xs, x_layout = _sketch_sequence(list(x) if need_ih else [], cfg, seed, _INPUT, 0)
+    xs, x_meta = _sketch_sequence(x if need_ih else None, cfg, seed, _INPUT)
     first = 0 if h0 is not None else 1
-    prev = ([h0] if h0 is not None else []) + list(out[:-1])
-    hs, h_layout = _sketch_sequence(prev if need_hh else [], cfg, seed, _HIDDEN, first)
+    prev = out[:-1] if h0 is None else torch.cat([h0.unsqueeze(0), out[:-1]])
+    hs, h_meta = _sketch_sequence(prev if need_hh else None, cfg, seed, _HIDDEN)
     ctx.layer = (cfg, seed, len(xs), first, w_ih_index, b_ih is not None, b_hh is not None)
-    ctx.layouts = (x_layout, h_layout)
+    ctx.layouts = (x_meta, h_meta)
     return xs, hs
 
 
@@ -82,8 +87,8 @@ def _parameter_grads(ctx, grad_z: torch.Tensor, sketches, w_ih: torch.Tensor, w_
     of :func:`_sketch_inputs`, the rest exact (db_ih = db_hh = sum_t dz_t); None where not
     needed."""
     cfg, seed, n_xs, first, w, has_b_ih, has_b_hh = ctx.layer
-    xs = kbit.unpack_all(sketches[:n_xs], ctx.layouts[0])
-    hs = kbit.unpack_all(sketches[n_xs:], ctx.layouts[1])
+    xs = kbit.unpack(sketches[:n_xs], ctx.layouts[0])
+    hs = kbit.unpack(sketches[n_xs:], ctx.layouts[1])
     need = ctx.needs_input_grad
     grad_x = grad_z @ w_ih if need[0] else None
     grad_w_ih = grad_w_hh = None
@@ -109,10 +114,9 @@ class _ReLURNNFn(torch.autograd.Function):
         steps, batch, _ = x.shape
         pre = _input_part(x, w_ih, b_ih, b_hh)
         h = x.new_zeros(batch, w_hh.shape[0]) if h0 is None else h0
-        out = torch.empty_like(pre)
+        out = pre  # a fresh tensor: the hidden states overwrite it step by step, in place
         for t in range(steps):
-            h = torch.addmm(pre[t], h, w_hh.T).clamp_min_(0)
-            out[t] = h
+            h = out[t].addmm_(h, w_hh.T).clamp_min_(0)
         xs, hs = _sketch_inputs(ctx, x, h0, out, b_ih, b_hh, cfg, seed, 2)
         ctx.save_for_backward(w_ih, w_hh, pack_bits(out > 0), *xs, *hs)
         ctx.shape = out.shape
@@ -122,13 +126,14 @@ class _ReLURNNFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         shape = ctx.shape
         w_ih, w_hh, packed, *sketches = ctx.saved_tensors
-        positive = unpack_bits(packed, shape)
-        grad_z = torch.empty_like(grad_out)
-        dh = grad_out.new_zeros(shape[1:])
+        dead = ~unpack_bits(packed, shape)
+        # dz_t = (grad_out_t + dz_{t+1} W_hh) * 1[h_t > 0], in place in a copy of grad_out
+        grad_z = grad_out.clone(memory_format=torch.contiguous_format)
         for t in reversed(range(shape[0])):
-            dz = torch.where(positive[t], dh + grad_out[t], 0.0)
-            grad_z[t] = dz
-            dh = dz @ w_hh
+            if t + 1 < shape[0]:
+                grad_z[t].addmm_(grad_z[t + 1], w_hh)
+            grad_z[t].masked_fill_(dead[t], 0.0)
+        dh = grad_z[0] @ w_hh if shape[0] else grad_out.new_zeros(shape[1:])
         grad_x, *grad_params = _parameter_grads(ctx, grad_z, sketches, w_ih, w_hh)
         return grad_x, dh if ctx.needs_input_grad[1] else None, *grad_params, None, None
 
