@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import randprop as rp
+from randprop.methods.base import RandomizedLayer
 from randprop.methods.dropout import draw_seed
 from randprop.methods.loss import LinearCrossEntropy
 
@@ -46,11 +47,21 @@ SYNCING = {
 }
 
 
+#: code that reads a CPU tensor by design, never waiting for a device: the seed drawn from
+#: PyTorch's default CPU generator (as nn.Dropout does) and a layer's step counter (a 0-dim
+#: CPU tensor, so that a compiled graph can advance it)
+_HOST_SIDE = {
+    draw_seed.__code__,
+    RandomizedLayer.rp_next_seed.__code__,
+    RandomizedLayer.rp_step.fget.__code__,
+    RandomizedLayer.rp_step.fset.__code__,
+}
+
+
 def _host_side(frame) -> bool:
-    """True inside randprop.methods.dropout.draw_seed: a seed drawn from PyTorch's default CPU
-    generator (as nn.Dropout does) is read on the host without waiting for any device."""
+    """True inside the code of :data:`_HOST_SIDE`."""
     while frame is not None:
-        if frame.f_code is draw_seed.__code__:
+        if frame.f_code in _HOST_SIDE:
             return True
         frame = frame.f_back
     return False

@@ -32,7 +32,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     groups = flat.view(torch.uint8).view(-1, 8)
     if torch.compiler.is_compiling():  # the same bytes as shifts and a sum, which fuse
-        return (groups << _SHIFTS.to(groups.device)).sum(1, dtype=torch.uint8)
+        shifts = torch.arange(8, dtype=torch.uint8, device=groups.device)
+        return (groups << shifts).sum(1, dtype=torch.uint8)
     if groups.storage_offset() % 8:  # an int64 view needs 8-byte alignment
         groups = groups.clone()
     if sys.byteorder != "little":
