@@ -385,6 +385,12 @@ def aggregate(task: Task, runs: list[dict]) -> list[dict]:
             "seconds_per_step": float(np.median([r["seconds_per_step"] for r in mine])),
             "curve": curve,
         })  # fmt: skip
+    return add_ratios(rows)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Add to each row its saved bytes and step time against exact's (and its saved bytes
+    against checkpointing's, for the rows with checkpointing)."""
     exact = next((r for r in rows if r["label"] == "exact"), None)
     ckpt = next((r for r in rows if r["label"] == "checkpointing"), None)
     for row in rows:
@@ -410,8 +416,7 @@ def verdict(task: Task, rows: list[dict], matched: dict) -> list[str]:
     if not exact or not candidates:
         return []
     best = min(candidates, key=lambda r: r["quality"])
-    small = next((r for r in rows if r["label"].startswith("small batch")
-                  and f"`{best['method']}`" in matched), None)  # fmt: skip
+    small = by_label.get("small batch")
     ratio = best["quality"] / exact["quality"]
     lines = [
         f"**{task.title}, {len(best['seeds'])} seed(s), {task.steps} equal steps: the best "
@@ -425,13 +430,14 @@ def verdict(task: Task, rows: list[dict], matched: dict) -> list[str]:
     lines.append(
         f"- Within {100 * (LOSS_RATIO - 1):.0f}% of exact's validation loss: "
         + (f"**met** ({ratio:.4f}x)." if met else
-           f"**failed**: {ratio:.4f}x exact's, {100 * (ratio - LOSS_RATIO):.2f} points of "
-           f"percentage over the bound ({best['quality'] - exact['quality']:+.4f} nats).")
+           f"**failed**: {ratio:.4f}x exact's, {100 * (ratio - LOSS_RATIO):.2f} percentage "
+           f"points over the bound ({best['quality'] - exact['quality']:+.4f} nats).")
     )  # fmt: skip
     if small is not None:
         below = best["quality"] < small["quality"]
         lines.append(
-            f"- Below the memory-matched small batch's (batch {small['batch']}, validation loss "
+            f"- Below the memory-matched small batch's (batch {small['batch']}, matched to "
+            f"{', '.join(matched)}; validation loss "
             f"{small['quality']:.4f} ± {small['quality_std']:.4f}): "
             + ("**met**" if below else "**failed**")
             + f" (difference {best['quality'] - small['quality']:+.4f} nats)."
