@@ -96,6 +96,7 @@ class Task:
     test_examples: int = 0
     settings: str = "full"
     warmup: int = 10
+    timing_rounds: int = 8
 
 
 LM_SIZE = {"layers": 4, "hidden": 256, "heads": 4, "context": 128, "intermediate": 688}
@@ -107,9 +108,11 @@ def tasks(quick: bool) -> list[Task]:
     the seconds-long smoke version."""
     if quick:
         lm = {"size": QUICK_LM_SIZE, "batch": 2, "steps": 2, "seeds": (0,), "lr": 2e-3,
-              "eval_every": 1, "eval_examples": 4, "warmup": 1}  # fmt: skip
+              "eval_every": 1, "eval_examples": 4, "warmup": 1,
+              "timing_rounds": 1}  # fmt: skip
         img = {"size": {}, "steps": 2, "seeds": (0,), "lr": 1e-3, "eval_every": 1,
-               "eval_examples": 16, "test_examples": 16, "warmup": 1}  # fmt: skip
+               "eval_examples": 16, "test_examples": 16, "warmup": 1,
+               "timing_rounds": 1}  # fmt: skip
         return [
             Task("gpt2", "GPT-2-style char LM (quick)", "lm", "gpt2", **lm),
             Task("vit", "ViT (quick)", "image", "vit", batch=8, **img),
@@ -159,7 +162,7 @@ def tasks(quick: bool) -> list[Task]:
             {},
             batch=32,
             steps=24,
-            seeds=(0, 1, 2),
+            seeds=(0,),
             lr=1e-3,
             eval_every=12,
             eval_examples=300,
@@ -303,6 +306,32 @@ def matched_batches(task: Task, splits: Splits, settings: list[Setting]) -> dict
     return out
 
 
+def alternated_times(
+    task: Task, settings: list[Setting], batches: dict[str, int], splits: Splits, rounds: int
+) -> dict[str, float]:
+    """Median step time per setting, the settings' steps interleaved: each round runs one
+    training step of every setting (after a first, untimed round), so a change of machine load
+    falls on all of them alike. Seed 0's models, the first batch of each setting's size."""
+    x_train, y_train = splits.train.tensors
+    state = {}
+    for s in settings:
+        model = build(task, s, 0, splits)
+        first = torch.arange(batches[s.label])
+        state[s.label] = (s, model, torch.optim.AdamW(model.parameters(), lr=task.lr),
+                          x_train[first], y_train[first])  # fmt: skip
+    times: dict[str, list[float]] = {s.label: [] for s in settings}
+    with torch.random.fork_rng(devices=[]):
+        for r in range(rounds + 1):
+            for label, (s, model, optimizer, x, y) in state.items():
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss_of(task, s, model, x, y).backward()
+                optimizer.step()
+                if r:
+                    times[label].append(time.perf_counter() - t0)
+    return {label: float(np.median(t)) for label, t in times.items()}
+
+
 def train_run(task: Task, setting: Setting, seed: int, batch: int, splits: Splits) -> dict:
     """Train one setting for ``task.steps`` steps (AdamW, linear warm-up then constant); the
     batches are a pure function of (seed, step). Returns the run's figures."""
@@ -366,7 +395,7 @@ def _std(values: list[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def aggregate(task: Task, runs: list[dict]) -> list[dict]:
+def aggregate(task: Task, runs: list[dict], timing: dict[str, float] | None = None) -> list[dict]:
     """One row per setting (in table order): means and std over seeds, ratios against exact's
     figures of the same run."""
     rows = []
@@ -383,6 +412,7 @@ def aggregate(task: Task, runs: list[dict]) -> list[dict]:
             "saved_bytes": mine[0]["saved_bytes"],
             "peak_bytes": max((r["peak_bytes"] or 0) for r in mine) or None,
             "seconds_per_step": float(np.median([r["seconds_per_step"] for r in mine])),
+            "alternated_seconds_per_step": (timing or {}).get(label),
             "curve": curve,
         })  # fmt: skip
     return add_ratios(rows)
@@ -397,6 +427,9 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         if exact:
             row["bytes_vs_exact"] = exact["saved_bytes"] / max(row["saved_bytes"], 1)
             row["time_vs_exact"] = row["seconds_per_step"] / exact["seconds_per_step"]
+            if row.get("alternated_seconds_per_step") and exact.get("alternated_seconds_per_step"):
+                alt = row["alternated_seconds_per_step"] / exact["alternated_seconds_per_step"]
+                row["alternated_time_vs_exact"] = alt
         if ckpt and row["checkpointing"]:
             row["bytes_vs_checkpointing"] = ckpt["saved_bytes"] / max(row["saved_bytes"], 1)
     return rows
@@ -442,9 +475,10 @@ def verdict(task: Task, rows: list[dict], matched: dict) -> list[str]:
             + ("**met**" if below else "**failed**")
             + f" (difference {best['quality'] - small['quality']:+.4f} nats)."
         )
-    t = best["time_vs_exact"]
+    t = best.get("alternated_time_vs_exact", best["time_vs_exact"])
+    how = "in alternation" if "alternated_time_vs_exact" in best else "medians of the runs"
     lines.append(
-        f"- Step time <= {TIME_RATIO}x exact's on the same run: "
+        f"- Step time <= {TIME_RATIO}x exact's on the same run ({how}): "
         + (f"**met** ({t:.2f}x)." if t <= TIME_RATIO else
            f"**failed**: {t:.2f}x, {t / TIME_RATIO:.2f}x the bound.")
     )  # fmt: skip
@@ -454,13 +488,16 @@ def verdict(task: Task, rows: list[dict], matched: dict) -> list[str]:
 def table(task: Task, rows: list[dict]) -> list[str]:
     quality = "validation loss (nats/char)" if task.kind == "lm" else "test accuracy"
     header = ["setting", "batch", "seeds", quality, "saved bytes", "fewer than exact",
-              "fewer than checkpointing", "peak of a step", "s / step", "time vs exact"]  # fmt: skip
+              "fewer than checkpointing", "peak of a step", "s / step in its runs",
+              "time vs exact: in its runs / in alternation"]  # fmt: skip
     cells = [[
         r["label"], r["batch"], len(r["seeds"]), f"{r['quality']:.4f} ± {r['quality_std']:.4f}",
         f"{r['saved_bytes'] / 1e6:.2f} MB", f"{r.get('bytes_vs_exact', math.nan):.2f}x",
         f"{r['bytes_vs_checkpointing']:.2f}x" if "bytes_vs_checkpointing" in r else "",
         "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 1e6:.1f} MB",
-        f"{r['seconds_per_step']:.3f}", f"{r.get('time_vs_exact', math.nan):.2f}x",
+        f"{r['seconds_per_step']:.3f}",
+        f"{r.get('time_vs_exact', math.nan):.2f}x / "
+        f"{r.get('alternated_time_vs_exact', math.nan):.2f}x",
     ] for r in rows]  # fmt: skip
     return report.markdown_table(header, cells)
 
@@ -508,7 +545,8 @@ def scale_line(task: Task) -> str:
             f"test accuracy on the first {task.test_examples} test images, validation loss "
             f"on {task.eval_examples} validation images")  # fmt: skip
     return (f"- {task.title}: batch {task.batch}, {task.steps} steps, seeds {list(task.seeds)}, "
-            f"AdamW lr {task.lr:g} ({task.warmup}-step linear warm-up); {what}.")  # fmt: skip
+            f"AdamW lr {task.lr:g} ({task.warmup}-step linear warm-up); {what}; step times in "
+            f"alternation over {task.timing_rounds} rounds.")  # fmt: skip
 
 
 def write_report(out: Path, all_tasks: list[Task], results: dict, meta: dict) -> str:
@@ -546,9 +584,11 @@ def write_report(out: Path, all_tasks: list[Task], results: dict, meta: dict) ->
         "bytes do not exceed the matched setting's (at least 1). Saved bytes: `rp.track_saved` "
         "over one forward and backward (recomputation included, parameters excluded). Peak: "
         "the whole second step (zero_grad, forward, backward, AdamW's update; parameters, "
-        "gradients and optimizer state included), by `randprop.measure.peak`. Time: median "
-        "step time of each run, settings run one after another within a seed on the same "
-        "process; only the ratios mean anything on this shared machine.",
+        "gradients and optimizer state included), by `randprop.measure.peak`. Time: the median "
+        "step time of each run (the runs one after another, so a change of machine load "
+        "between runs moves these ratios), and the median over rounds in which every setting "
+        "runs one step in turn (seed 0's models, after one untimed round): the fair ratio, "
+        "used for the bound. Only ratios mean anything on this shared machine.",
         "",
     ]
     for name, task_rows in rows.items():
@@ -661,9 +701,19 @@ def run(out: Path, quick: bool = False) -> dict:
                     task_runs.sort(key=lambda r: order[r["label"]])
                     results[task.name]["rows"] = aggregate(task, task_runs)
                     save(complete=False)
+            timing_path = runs_dir / task.name / "timing.json"
+            if timing_path.exists():
+                timing = json.loads(timing_path.read_text())
+            else:
+                _log(f"[{task.name}] step times in alternation, {task.timing_rounds} rounds")
+                batches = {s.label: matched[s.matched_to]["batch"] if s.matched_to else task.batch
+                           for s in settings}  # fmt: skip
+                timing = alternated_times(task, settings, batches, splits, task.timing_rounds)
+                timing_path.write_text(json.dumps(timing, indent=2))
             order = {s.label: i for i, s in enumerate(settings)}
             task_runs.sort(key=lambda r: order[r["label"]])
-            results[task.name]["rows"] = aggregate(task, task_runs)
+            results[task.name]["timing"] = timing
+            results[task.name]["rows"] = aggregate(task, task_runs, timing)
     finally:
         torch.set_num_threads(threads)
     return save(complete=True)
