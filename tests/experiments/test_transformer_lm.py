@@ -51,6 +51,7 @@ def test_quick_run_writes_every_row_and_resumes(tmp_path, monkeypatch) -> None:
         assert labels == [s.label for s in settings]
     gpt2 = {r["label"]: r for r in results["results"]["gpt2"]["rows"]}
     assert gpt2[f"`{tlm.QUANT}`"]["saved_bytes"] < gpt2["exact"]["saved_bytes"]
+    assert all(r["alternated_time_vs_exact"] > 0 for r in gpt2.values())  # timed in alternation
     text = (tmp_path / "report.md").read_text()
     assert "Within 3% of exact's validation loss" in text and "incomplete" not in text
     assert (tmp_path / "loss_vs_steps.png").exists() and (

@@ -649,14 +649,15 @@ def run(out: Path, quick: bool = False) -> dict:
     meta = {"command": f"randprop bench transformer --out {out}" + (" --quick" if quick else ""),
             "machine": report.machine(1), "load_before": load_before}  # fmt: skip
 
-    def save(complete: bool) -> dict:
+    def save(complete: bool, plots: bool = True) -> dict:
+        """Write results.json and report.md (and the plots, slow to draw: not after every run)."""
         meta.update(date=report.date(), load_after=report.load(), complete=complete,
                     minutes=(time.time() - start) / 60)  # fmt: skip
         payload = {"meta": meta, "tasks": [dataclasses.asdict(t) for t in all_tasks],
                    "results": results}  # fmt: skip
         (out / "results.json").write_text(json.dumps(payload, indent=2))
         rows = {name: r["rows"] for name, r in results.items() if r["rows"]}
-        if rows:
+        if rows and plots:
             by_name = {t.name: t for t in all_tasks}
             plot_curves(rows, {n: by_name[n].title for n in rows}, out / "loss_vs_steps.png")
             plot_quality(rows, by_name, out / "quality_vs_bytes.png")
@@ -700,7 +701,7 @@ def run(out: Path, quick: bool = False) -> dict:
                     order = {s.label: i for i, s in enumerate(settings)}
                     task_runs.sort(key=lambda r: order[r["label"]])
                     results[task.name]["rows"] = aggregate(task, task_runs)
-                    save(complete=False)
+                    save(complete=False, plots=False)
             timing_path = runs_dir / task.name / "timing.json"
             if timing_path.exists():
                 timing = json.loads(timing_path.read_text())
@@ -714,6 +715,8 @@ def run(out: Path, quick: bool = False) -> dict:
             task_runs.sort(key=lambda r: order[r["label"]])
             results[task.name]["timing"] = timing
             results[task.name]["rows"] = aggregate(task, task_runs, timing)
+            if task is not all_tasks[-1]:
+                save(complete=False)
     finally:
         torch.set_num_threads(threads)
     return save(complete=True)
