@@ -4,6 +4,7 @@ run writes every row and resumes from the runs already on disk."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -68,3 +69,25 @@ def test_quick_run_writes_every_row_and_resumes(tmp_path, monkeypatch) -> None:
     assert trained == ["exact"]
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["complete"]
     assert [r["label"] for r in again["results"]["vit"]["rows"]] == [s.label for s in settings]
+
+
+def test_bench_data_root_reaches_the_suites(tmp_path, monkeypatch) -> None:
+    """`randprop bench --data-root DIR` hands DIR to the suites as $RANDPROP_CIFAR10."""
+    import randprop.experiments as experiments
+    from randprop.cli import build_parser
+    from randprop.experiments.registry import Suite
+
+    seen = []
+
+    def fake(out, quick):
+        seen.append(os.environ.get("RANDPROP_CIFAR10"))
+        (out / "report.md").write_text("ok")
+        return {}
+
+    monkeypatch.delenv("RANDPROP_CIFAR10", raising=False)
+    monkeypatch.setattr(experiments, "get_suite", lambda name: Suite(name, fake, ""))
+    tmp_path.joinpath("out").mkdir()
+    for extra, expected in (([], None), (["--data-root", "/data/cifar"], "/data/cifar")):
+        args = build_parser().parse_args(["bench", "x", "--out", str(tmp_path / "out"), *extra])
+        assert args.fn(args) == 0
+        assert seen[-1] == expected
