@@ -147,10 +147,10 @@ def tasks(quick: bool) -> list[Task]:
             "vit",
             {},
             batch=64,
-            steps=100,
+            steps=500,
             seeds=(0, 1, 2),
             lr=1e-3,
-            eval_every=25,
+            eval_every=100,
             eval_examples=1000,
             test_examples=10000,
         ),  # fmt: skip
@@ -161,12 +161,12 @@ def tasks(quick: bool) -> list[Task]:
             "resnet18",
             {},
             batch=32,
-            steps=24,
-            seeds=(0,),
+            steps=120,
+            seeds=(0, 1, 2),
             lr=1e-3,
-            eval_every=12,
-            eval_examples=300,
-            test_examples=1000,
+            eval_every=40,
+            eval_examples=500,
+            test_examples=2000,
         ),  # fmt: skip
     ]
 
