@@ -571,8 +571,9 @@ def write_report(out: Path, all_tasks: list[Task], results: dict, meta: dict) ->
     lines += [
         "## Set-up and scale",
         "",
-        "Scaled to about 45 minutes on one thread of a shared 2-core CPU: far fewer steps than "
-        "a real training run, so the figures compare the settings early in training.",
+        "Scaled to fit about 45 minutes on one thread of a shared 2-core CPU: far fewer steps "
+        "than a real training run, so the figures compare the settings early in training; a "
+        "gap can open or close later.",
         "",
         *[scale_line(t) for t in all_tasks if t.name in rows],
         "",
