@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -210,6 +211,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from randprop.experiments import get_suite
 
     suite = get_suite(args.suite)
+    if args.data_root:  # the suites that can use CIFAR-10 read it from there
+        os.environ["RANDPROP_CIFAR10"] = args.data_root
     out = Path(args.out or f"runs/bench/{args.suite}")
     suite.run(out, args.quick)
     print((out / "report.md").read_text())
@@ -250,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite")
     p.add_argument("--out", default=None, help="output directory (default runs/bench/SUITE)")
     p.add_argument("--quick", action="store_true", help="a scaled-down smoke run")
+    p.add_argument(
+        "--data-root", default=None,
+        help="folder with CIFAR-10's python batches: the suites that can use it do",
+    )  # fmt: skip
     p.set_defaults(fn=cmd_bench)
 
     from randprop import cli_plan, cli_train

@@ -13,6 +13,7 @@ from randprop.experiments import (
     rad_pde,  # noqa: F401
     rad_rnn,  # noqa: F401
     trace_mnist,  # noqa: F401
+    transformer_lm,  # noqa: F401
     vjp_bench,  # noqa: F401
 )
 from randprop.experiments.registry import SUITES, get_suite, suite
