@@ -8,7 +8,8 @@ randprop settings (every weight layer, activation, norm, dropout converted; the 
 core and, for the language models, the fused lm-head + cross-entropy); a randprop setting with
 checkpointing; and the memory-matched smaller batch (exact backprop at the largest batch whose
 measured saved bytes do not exceed a randprop setting's). Measured per run: bytes saved for
-backward (``rp.track_saved`` over a forward and backward, recomputation included), the peak
+backward (``rp.track_saved`` over a forward and backward; under non-reentrant checkpointing
+the hooks see what the forward keeps, not the block recomputed in backward), the peak
 memory of a whole step (``randprop.measure.peak``), the median step time, the validation loss
 along the run, and at the end the validation loss (language models) or test accuracy (images).
 
@@ -586,7 +587,11 @@ def write_report(out: Path, all_tasks: list[Task], results: dict, meta: dict) ->
         "per block otherwise; checkpointing rows run the first seed only (same gradients as "
         "without it). Small batch: exact backprop at the largest batch whose measured saved "
         "bytes do not exceed the matched setting's (at least 1). Saved bytes: `rp.track_saved` "
-        "over one forward and backward (recomputation included, parameters excluded). Peak: "
+        "over one forward and backward, parameters excluded; for the checkpointing rows that is "
+        "what the forward keeps (each checkpointed block's input): the block recomputed during "
+        "backward (non-reentrant checkpointing) keeps its tensors under checkpointing's own "
+        "hooks, which `rp.track_saved` does not see; the peak column counts it, and "
+        "benchmarks/results/transformer-memory.md measures it with reentrant checkpointing. Peak: "
         "the whole second step (zero_grad, forward, backward, AdamW's update; parameters, "
         "gradients and optimizer state included), by `randprop.measure.peak`. Time: the median "
         "step time of each run (the runs one after another, so a change of machine load "

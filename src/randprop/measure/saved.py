@@ -39,6 +39,11 @@ class track_saved:  # noqa: N801 (a context manager used like a function, as tor
     .bytes: the peak of bytes held for backward at once; .total: all bytes ever saved;
     .by_module: {module name: bytes first saved while that module (innermost) was running},
     when ``model`` is given. Tensors saved outside any submodule count under "".
+    Non-reentrant activation checkpointing (torch.utils.checkpoint's default, transformers'
+    gradient_checkpointing_enable) recomputes a block in backward under its own saved-tensor
+    hooks, which this tracker does not see: it counts the block inputs the forward keeps, not
+    the recomputed block. Reentrant checkpointing recomputes under these hooks, so it is counted;
+    :class:`randprop.measure.peak.track_peak` counts every allocation either way.
     """
 
     def __init__(
