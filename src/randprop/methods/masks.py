@@ -31,9 +31,11 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     groups = flat.view(torch.uint8).view(-1, 8)
-    if torch.compiler.is_compiling():  # the same bytes as shifts and a sum, which fuse
-        shifts = torch.arange(8, dtype=torch.uint8, device=groups.device)
-        return (groups << shifts).sum(1, dtype=torch.uint8)
+    if torch.compiler.is_compiling():  # the same bytes as shifts and ORs, which fuse
+        packed = groups[:, 0]
+        for i in range(1, 8):  # (a uint8 sum over the 8 columns compiles to a slow reduction)
+            packed = packed | (groups[:, i] << i)
+        return packed
     if groups.storage_offset() % 8:  # an int64 view needs 8-byte alignment
         groups = groups.clone()
     if sys.byteorder != "little":
