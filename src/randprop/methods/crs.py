@@ -146,7 +146,7 @@ def _estimate(state: nn.Module | None, positions: int, device) -> torch.Tensor |
 
 
 @torch.no_grad()
-def _sample(x: torch.Tensor, cfg: CRS, seed: int, estimate: torch.Tensor | None):
+def _sample(x: torch.Tensor, cfg: CRS, seed: int | torch.Tensor, estimate: torch.Tensor | None):
     """(stored rows, indices, weights): the K rows of ``x`` kept for the weight gradient (the
     rows at full precision; :func:`crs_linear` stores them in ``cfg.bits``)."""
     rows = x.reshape(-1, x.shape[-1])
@@ -159,8 +159,25 @@ def _sample(x: torch.Tensor, cfg: CRS, seed: int, estimate: torch.Tensor | None)
     scores = rows.float().norm(dim=1) * h.repeat(n_rows // positions)
     k = rnd.kept_count(n_rows, cfg.keep)
     winners = min(math.floor(cfg.winners * k + 1e-9), k - 1)  # at least one sampled row
-    idx, weights = choose_rows(scores, k, winners, rnd.generator(seed, x.device))
+    if isinstance(seed, torch.Tensor):  # compiled: the draw inside an opaque op
+        idx, weights = torch.ops.randprop.crs_choose_rows(scores, k, winners, seed)
+    else:
+        idx, weights = choose_rows(scores, k, winners, rnd.generator(seed, x.device))
     return rows.index_select(0, idx), idx, weights
+
+
+@torch.library.custom_op("randprop::crs_choose_rows", mutates_args=())
+def _choose_rows_op(
+    scores: torch.Tensor, k: int, winners: int, seed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`choose_rows` drawn from a compiled layer's tensor seed, opaque to torch.compile
+    (the same draw as eager for the same seed)."""
+    return choose_rows(scores, k, winners, rnd.generator(int(seed), scores.device))
+
+
+@_choose_rows_op.register_fake
+def _(scores, k, winners, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    return scores.new_empty(k, dtype=torch.int64), scores.new_empty(k, dtype=torch.float32)
 
 
 def _weight_grad(
