@@ -182,8 +182,9 @@ def quantize_seeded(
         flat = torch.ops.randprop.quantize(list(xs), seed, -1 if tag is None else tag, bits,
                                            group_size or 0)  # fmt: skip
         return [
-            QuantizedTensor(*flat[3 * i : 3 * i + 3], x.shape, x.dtype, bits,
-                            _resolved_group(x, group_size))  # fmt: skip
+            QuantizedTensor(
+                *flat[3 * i : 3 * i + 3], x.shape, x.dtype, bits, _resolved_group(x, group_size)
+            )  # fmt: skip
             for i, x in enumerate(xs)
         ]
     gen = None

@@ -4,6 +4,20 @@ recompilation after the first step, and the eager gradients and step counters fo
 
 Backend aot_eager: it traces forward and backward as inductor does, without inductor's slow
 code generation (benchmarks/compile_speed.py times inductor).
+
+Covered here: RAD and Trace (any bits), the ReLU-family masks, k-bit stochastic rounding
+(``randprop::quantize``: stored sketches, Quant, k-bit activations, gated MLPs, LayerNorm /
+RMSNorm / BatchNorm / GroupNorm), SparseVJP (Linear and Conv, every sketch and structure),
+compact dropout and attention (their seeds drawn in the graph from the default CPU generator:
+a compiler that replaces random ops, as inductor does unless ``fallback_random``, draws other
+masks than eager), CRS once its gradient-norm estimate exists.
+
+Still breaking the graph inside a converted layer:
+- CRS's first call (it creates its estimate buffer) and AOP (WeightNode's side channel, memory
+  buffers created, grown and updated in backward);
+- RAD recurrent layers (dynamo does not trace nn.RNN / GRU / LSTM modules);
+- the functional-ops swaps (a TorchFunctionMode entered from forward hooks, Python counters);
+- activation-checkpoint replay of seeds is not recorded while compiling (rp_next_seed).
 """
 
 from __future__ import annotations
@@ -219,3 +233,24 @@ def test_compiled_compact_attention(fused, dropout_p):
         torch.manual_seed(2)
         compiled(*qkv).square().sum().backward()
         assert not torch.allclose(qkv[0].grad, grads[0][0])
+
+
+def test_compiled_crs_after_its_estimate_exists():
+    """CRS compiles to one graph once its gradient-norm estimate exists (one eager step): the
+    weight gradient and the estimate's update in the layer's own backward, as eager computes
+    them."""
+    eager = converted(mlp, "crs:keep=0.5")
+    inputs = [torch.randn(5, 12) for _ in range(4)]
+    steps(eager, inputs[:1])
+    model = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    want, got = steps(eager, inputs[1:]), steps(compiled, inputs[1:])
+    assert counter.frame_count == 1
+    for w, g in zip(want, got, strict=True):
+        for a, b in zip(w, g, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].crs_grad_norm, eager[1].crs_grad_norm)
+    assert model[1].rp_step == eager[1].rp_step == len(inputs)
+    other = steps(converted(mlp, "crs:keep=0.5", seed=4), inputs[:2])  # positive control
+    assert not torch.allclose(other[1][0], want[0][0])

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from randprop import random as rnd
 from randprop.methods.base import needs_grad
@@ -85,7 +85,9 @@ def _keep(spec: _Spec, index: int, shape: torch.Size, device: torch.device) -> t
     drawn inside the custom op ``randprop::attention_keep``, the same mask as eager)."""
     if isinstance(spec.seed, torch.Tensor):
         like = torch.empty((), device=device)
-        return torch.ops.randprop.attention_keep(like, list(shape), spec.dropout_p, spec.seed, index)
+        return torch.ops.randprop.attention_keep(
+            like, list(shape), spec.dropout_p, spec.seed, index
+        )
     return _keep_mask(spec.seed, index, tuple(shape), spec.dropout_p, device)
 
 
@@ -219,7 +221,10 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     split from one projection): saving the view would hold all of that storage. The copy is
     never larger than what it replaces. While torch.compile traces, ``t`` (what a compiled
     graph saves is the compiler's choice)."""
-    if torch.compiler.is_compiling() or t.untyped_storage().nbytes() <= t.numel() * t.element_size():
+    if (
+        torch.compiler.is_compiling()
+        or t.untyped_storage().nbytes() <= t.numel() * t.element_size()
+    ):
         return t
     # dense, with its dims in the same memory order (the fused kernel's output follows it)
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))

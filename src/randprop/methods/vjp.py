@@ -483,17 +483,13 @@ def conv_backward_sketched(
     gen = rnd.generator(seed, grad.device)
     if cfg.structure == "element" or (cfg.structure == "column" and conv[4] != 1):
         g = sketch(grad, cfg, seed, channel_dim=1)
-        out = conv_backward(
-            g, stored, x_shape, weight, bias_shape, conv, [need_x, need_w, need_b]
-        )
+        out = conv_backward(g, stored, x_shape, weight, bias_shape, conv, [need_x, need_w, need_b])
         return out
     if cfg.structure == "row" and cfg.sketch in PROJECTIONS:
         f = frame(grad.shape[0], cfg, gen, grad)
         gp = _project_rows(f, grad)
         k_shape = (f.shape[1], *x_shape[1:])
-        gx, gw, _ = conv_backward(
-            gp, stored, k_shape, weight, None, conv, [need_x, need_w, False]
-        )
+        gx, gw, _ = conv_backward(gp, stored, k_shape, weight, None, conv, [need_x, need_w, False])
         gb = None
         if need_b:
             gb = (f.sum(0) @ gp.reshape(f.shape[1], -1)).view(gp.shape[1], -1).sum(1)
@@ -521,9 +517,7 @@ def conv_backward_sketched(
         gp = (grad.movedim(1, -1) @ f).movedim(-1, 1)
         wp = (f.T @ weight.reshape(n_out, -1)).view(f.shape[1], *weight.shape[1:])
         bias_k = None if not need_b else [f.shape[1]]
-        gx, gw, gb = conv_backward(
-            gp, stored, x_shape, wp, bias_k, conv, [need_x, need_w, need_b]
-        )
+        gx, gw, gb = conv_backward(gp, stored, x_shape, wp, bias_k, conv, [need_x, need_w, need_b])
         if gw is not None:
             gw = (f @ gw.reshape(f.shape[1], -1)).view_as(weight)
         return (gx, gw, None if gb is None else f @ gb)
