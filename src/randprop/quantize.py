@@ -18,9 +18,12 @@ input) quantizes through :func:`quantize` and reads back through :meth:`Quantize
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from randprop import random as rnd
 
 #: the allowed code widths
 BITS = (1, 2, 4, 8)
@@ -154,3 +157,69 @@ def _grouped(flat: torch.Tensor, group_size: int, pad_last: bool = False) -> tor
         fill = flat[-1:].expand(pad) if pad_last and flat.numel() else flat.new_zeros(pad)
         flat = torch.cat([flat, fill])
     return flat.view(-1, group_size)
+
+
+# --- seeded quantization, also under torch.compile -------------------------------------------
+
+
+def quantize_seeded(
+    xs: Sequence[torch.Tensor],
+    bits: int,
+    group_size: int | None = None,
+    *,
+    seed: int | torch.Tensor,
+    tag: int | None = None,
+    stochastic: bool = True,
+) -> list[QuantizedTensor]:
+    """:func:`quantize` of each of ``xs`` in turn, the rounding of all drawn from one generator
+    seeded with ``seed`` (with ``tag``: ``subseed(seed, tag)``) on the first one's device.
+
+    ``seed`` may be the 0-dim int64 tensor a compiled layer draws: then the draws run inside the
+    custom op ``randprop::quantize``, opaque to torch.compile, which calls this function with the
+    seed as an int, so compiled and eager codes are bitwise equal."""
+    if stochastic and isinstance(seed, torch.Tensor):
+        check_bits(bits)
+        flat = torch.ops.randprop.quantize(list(xs), seed, -1 if tag is None else tag, bits,
+                                           group_size or 0)  # fmt: skip
+        return [
+            QuantizedTensor(
+                *flat[3 * i : 3 * i + 3], x.shape, x.dtype, bits, _resolved_group(x, group_size)
+            )  # fmt: skip
+            for i, x in enumerate(xs)
+        ]
+    gen = None
+    if stochastic:
+        seed = int(seed) if tag is None else rnd.subseed(int(seed), tag)
+        gen = rnd.generator(seed, xs[0].device)
+    return [quantize(x, bits, group_size, generator=gen, stochastic=stochastic) for x in xs]
+
+
+def _resolved_group(x: torch.Tensor, group_size: int | None) -> int:
+    """The group size :func:`quantize` uses for ``x`` (None: per row)."""
+    if group_size is None:
+        return max(x.shape[-1], 1) if x.dim() else 1
+    return group_size
+
+
+@torch.library.custom_op("randprop::quantize", mutates_args=())
+def _quantize_op(
+    xs: list[torch.Tensor], seed: torch.Tensor, tag: int, bits: int, group_size: int
+) -> list[torch.Tensor]:
+    """The flat (packed, scale, offset) triples of :func:`quantize_seeded` (tag -1: none,
+    group_size 0: per row)."""
+    codes = quantize_seeded(xs, bits, group_size or None, seed=int(seed),
+                            tag=None if tag < 0 else tag)  # fmt: skip
+    return [t for q in codes for t in q.tensors]
+
+
+@_quantize_op.register_fake
+def _(xs, seed, tag, bits, group_size) -> list[torch.Tensor]:
+    out = []
+    for x in xs:
+        n, group = x.numel(), _resolved_group(x, group_size or None)
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        groups = (n + group - 1) // group
+        per_byte = 8 // bits
+        out.append(x.new_empty((n + per_byte - 1) // per_byte, dtype=torch.uint8))
+        out += [x.new_empty(groups, dtype=work), x.new_empty(groups, dtype=work)]
+    return out

@@ -145,7 +145,9 @@ def test_round_to_nearest_is_rejected(name, monkeypatch):
     case = BY_NAME[name]
     nearest = functools.partial(quantize, stochastic=False)
     monkeypatch.setattr(
-        kbit, "quantize", lambda x, bits, group, generator: nearest(x, bits, group, generator=None)
+        kbit,
+        "quantize_seeded",
+        lambda xs, bits, group, *, seed, tag: [nearest(x, bits, group, generator=None) for x in xs],
     )
     exact, draws = _draws(case, dataclasses.replace(case.cfg, bits=1))
     with pytest.raises(AssertionError, match="biased|scale bias"):

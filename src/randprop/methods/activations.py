@@ -38,8 +38,7 @@ from torch import nn
 
 from randprop.config import check_seed
 from randprop.methods.base import QuantizedLayer, needs_grad
-from randprop.quantize import QuantizedTensor, check_bits, quantize
-from randprop.random import generator
+from randprop.quantize import QuantizedTensor, check_bits, quantize_seeded
 
 #: code width of a stored derivative when none is given (chosen by measurement, see above)
 DEFAULT_BITS = 4
@@ -107,19 +106,13 @@ DERIVATIVES: dict[str, Derivative] = {
 }
 
 
-def _generator(seed: int, device: torch.device, stochastic: bool) -> torch.Generator | None:
-    return generator(seed, device) if stochastic else None
-
-
 class _QuantizedDerivative(torch.autograd.Function):
     """y = fn(x) exactly; saves Q(f'(x)); backward dX = Q(f'(x)) dY."""
 
     @staticmethod
     def forward(ctx, x, fn, derivative, bits, seed, stochastic, inplace):
-        gen = _generator(seed, x.device, stochastic)
-        q = quantize(
-            derivative(x), bits, generator=gen, stochastic=stochastic
-        )  # before fn: inplace
+        # before fn: inplace; the seed a compiled layer's tensor seed too
+        (q,) = quantize_seeded([derivative(x)], bits, seed=seed, stochastic=stochastic)
         ctx.save_for_backward(*q.tensors)
         ctx.meta, ctx.x_dtype = q.meta, x.dtype
         y = fn(x)
@@ -141,9 +134,8 @@ class _QuantizedGate(torch.autograd.Function):
     def forward(ctx, a, b, fn, derivative, bits, seed, stochastic):
         fa = fn(a)
         y = fa * b
-        gen = _generator(seed, a.device, stochastic)
-        q_f = quantize(fa, bits, generator=gen, stochastic=stochastic)
-        q_g = quantize(derivative(a) * _work(b), bits, generator=gen, stochastic=stochastic)
+        g = derivative(a) * _work(b)
+        q_f, q_g = quantize_seeded([fa, g], bits, seed=seed, stochastic=stochastic)
         ctx.save_for_backward(*q_f.tensors, *q_g.tensors)
         ctx.metas, ctx.dtypes = (q_f.meta, q_g.meta), (a.dtype, b.dtype)
         return y

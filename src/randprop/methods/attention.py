@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from randprop import random as rnd
 from randprop.methods.base import needs_grad
@@ -80,9 +81,33 @@ def _chunk_scores(
 
 def _keep(spec: _Spec, index: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """The dropout keep-mask of chunk ``index``: from its own generator seeded by
-    (seed, chunk index), so backward regenerates it exactly."""
-    gen = rnd.generator(rnd.derive_seed(spec.seed, layer=index), device)
-    return rnd.bernoulli_mask(tuple(shape), 1.0 - spec.dropout_p, gen, device)
+    (seed, chunk index), so backward regenerates it exactly (a compiled call's tensor seed:
+    drawn inside the custom op ``randprop::attention_keep``, the same mask as eager)."""
+    if isinstance(spec.seed, torch.Tensor):
+        like = torch.empty((), device=device)
+        return torch.ops.randprop.attention_keep(
+            like, list(shape), spec.dropout_p, spec.seed, index
+        )
+    return _keep_mask(spec.seed, index, tuple(shape), spec.dropout_p, device)
+
+
+def _keep_mask(
+    seed: int, index: int, shape: tuple[int, ...], p: float, device: torch.device
+) -> torch.Tensor:
+    gen = rnd.generator(rnd.derive_seed(seed, layer=index), device)
+    return rnd.bernoulli_mask(shape, 1.0 - p, gen, device)
+
+
+@torch.library.custom_op("randprop::attention_keep", mutates_args=())
+def _keep_op(
+    like: torch.Tensor, shape: list[int], p: float, seed: torch.Tensor, index: int
+) -> torch.Tensor:
+    return _keep_mask(int(seed), index, tuple(shape), p, like.device)
+
+
+@_keep_op.register_fake
+def _(like, shape, p, seed, index) -> torch.Tensor:
+    return like.new_empty(shape, dtype=torch.bool)
 
 
 def _dropped(spec: _Spec, p: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -194,8 +219,12 @@ class _FusedRecomputeFn(torch.autograd.Function):
 def _own(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a compact copy where it views a larger storage (as the query, key and value
     split from one projection): saving the view would hold all of that storage. The copy is
-    never larger than what it replaces."""
-    if t.untyped_storage().nbytes() <= t.numel() * t.element_size():
+    never larger than what it replaces. While torch.compile traces, ``t`` (what a compiled
+    graph saves is the compiler's choice)."""
+    if (
+        torch.compiler.is_compiling()
+        or t.untyped_storage().nbytes() <= t.numel() * t.element_size()
+    ):
         return t
     # dense, with its dims in the same memory order (the fused kernel's output follows it)
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
@@ -291,15 +320,21 @@ def attention(
         rep = hq // hk
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if fused and dropout_p == 0.0 and _fused_is_compact(query, key, value, attn_mask, is_causal):
+        if not keep_output and needs_grad(query, key, value) and torch.compiler.is_compiling():
+            # the same recompute, in the form a compiler traces (non-reentrant checkpoint)
+            return checkpoint(F.scaled_dot_product_attention, query, key, value, attn_mask, 0.0,
+                              is_causal, scale=scale, enable_gqa=rep > 1, use_reentrant=False)  # fmt: skip
         if not keep_output and needs_grad(query, key, value):
             return _FusedRecomputeFn.apply(query, key, value, attn_mask, is_causal, scale, rep > 1)
         q, k, v = _own(query), _own(key), _own(value)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=rep > 1
         )
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**62, (), device="cpu"))
-    spec = _Spec(scale, bool(is_causal), float(dropout_p), int(seed or 0), chunk_size, rep)
+    if dropout_p > 0.0 and seed is None:  # while compiling, the draw as a tensor, not read back
+        seed = torch.randint(0, 2**62, (), device="cpu")
+        seed = seed if torch.compiler.is_compiling() else int(seed)
+    seed = seed if isinstance(seed, torch.Tensor) else int(seed or 0)
+    spec = _Spec(scale, bool(is_causal), float(dropout_p), seed, chunk_size, rep)
     return _AttentionFn.apply(query, key, value, attn_mask, spec)
 
 

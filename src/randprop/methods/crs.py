@@ -145,8 +145,14 @@ def _estimate(state: nn.Module | None, positions: int, device) -> torch.Tensor |
     return h
 
 
+def _has_estimate(state: nn.Module | None, positions: int) -> bool:
+    """Whether :func:`_estimate` returns the state's estimate as it is (or None)."""
+    h = None if state is None else state._buffers.get("crs_grad_norm")
+    return state is None or (h is not None and h.numel() == positions)
+
+
 @torch.no_grad()
-def _sample(x: torch.Tensor, cfg: CRS, seed: int, estimate: torch.Tensor | None):
+def _sample(x: torch.Tensor, cfg: CRS, seed: int | torch.Tensor, estimate: torch.Tensor | None):
     """(stored rows, indices, weights): the K rows of ``x`` kept for the weight gradient (the
     rows at full precision; :func:`crs_linear` stores them in ``cfg.bits``)."""
     rows = x.reshape(-1, x.shape[-1])
@@ -159,8 +165,25 @@ def _sample(x: torch.Tensor, cfg: CRS, seed: int, estimate: torch.Tensor | None)
     scores = rows.float().norm(dim=1) * h.repeat(n_rows // positions)
     k = rnd.kept_count(n_rows, cfg.keep)
     winners = min(math.floor(cfg.winners * k + 1e-9), k - 1)  # at least one sampled row
-    idx, weights = choose_rows(scores, k, winners, rnd.generator(seed, x.device))
+    if isinstance(seed, torch.Tensor):  # compiled: the draw inside an opaque op
+        idx, weights = torch.ops.randprop.crs_choose_rows(scores, k, winners, seed)
+    else:
+        idx, weights = choose_rows(scores, k, winners, rnd.generator(seed, x.device))
     return rows.index_select(0, idx), idx, weights
+
+
+@torch.library.custom_op("randprop::crs_choose_rows", mutates_args=())
+def _choose_rows_op(
+    scores: torch.Tensor, k: int, winners: int, seed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`choose_rows` drawn from a compiled layer's tensor seed, opaque to torch.compile
+    (the same draw as eager for the same seed)."""
+    return choose_rows(scores, k, winners, rnd.generator(int(seed), scores.device))
+
+
+@_choose_rows_op.register_fake
+def _(scores, k, winners, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    return scores.new_empty(k, dtype=torch.int64), scores.new_empty(k, dtype=torch.float32)
 
 
 def _weight_grad(
@@ -200,6 +223,31 @@ class _CRSLinearFn(torch.autograd.Function):
         return grad_x, None, grad_b, grad_out.new_zeros(()), None
 
 
+class _CRSCompiledFn(torch.autograd.Function):
+    """While torch.compile traces: forward and all three gradients in one node, the weight
+    gradient (and the estimate's update) by ``grad_fn``; a compiled graph has no place for the
+    side channel of a WeightNode, so there the estimate is updated whenever the weight's
+    gradient was wanted at forward, even by a backward pass that does not compute it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, grad_fn, *saved):
+        ctx.save_for_backward(weight, *saved)
+        ctx.grad_fn, ctx.has_bias = grad_fn, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, *saved = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ weight
+        if ctx.needs_input_grad[1]:
+            grad_w = ctx.grad_fn(grad_out, *saved)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None, *(None for _ in saved)
+
+
 def crs_linear(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -223,10 +271,15 @@ def crs_linear(
     if x.numel() == 0 or weight.numel() == 0:  # nothing to sample: the plain op is exact
         return F.linear(x, weight, bias)
     positions = _positions(x.shape)
+    # a compiled graph cannot create the estimate and update it in backward: that first call
+    # takes the eager form (a graph break), the later ones compile
+    one_node = torch.compiler.is_compiling() and _has_estimate(state, positions)
     estimate = _estimate(state, positions, weight.device)
     rows, idx, weights = _sample(x.detach(), cfg, seed, estimate)
     rows, meta = kbit.pack(rows, cfg.bits, cfg.group, seed)
     grad_fn = functools.partial(_weight_grad, cfg, estimate, positions, meta)
+    if one_node:
+        return _CRSCompiledFn.apply(x, weight, bias, grad_fn, *rows, idx, weights)
     token, handoff = weight_node(weight, grad_fn, *rows, idx, weights)
     return _CRSLinearFn.apply(x, weight, bias, token, handoff)
 

@@ -29,17 +29,36 @@ from randprop.random import generator
 _SEED_HIGH = 2**63 - 1
 
 
-def draw_seed() -> int:
-    """One seed in [0, 2^63 - 1) from PyTorch's default CPU generator (see the module doc)."""
-    return int(torch.randint(_SEED_HIGH, (), dtype=torch.int64).item())
+def draw_seed() -> int | torch.Tensor:
+    """One seed in [0, 2^63 - 1) from PyTorch's default CPU generator (see the module doc);
+    while torch.compile traces, the draw as a 0-dim int64 tensor, not read back (a compiler
+    that replaces random ops, as inductor does unless ``fallback_random``, draws other seeds)."""
+    seed = torch.randint(_SEED_HIGH, (), dtype=torch.int64)
+    return seed if torch.compiler.is_compiling() else int(seed.item())
 
 
-def dropout_noise(seed: int, p: float, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+def dropout_noise(
+    seed: int | torch.Tensor, p: float, shape: tuple[int, ...], like: torch.Tensor
+) -> torch.Tensor:
     """``mask / (1 - p)`` of ``shape`` in ``like``'s dtype and device, the mask's entries
-    independent Bernoulli(1 - p) drawn from a generator seeded with ``seed``."""
+    independent Bernoulli(1 - p) drawn from a generator seeded with ``seed`` (a 0-dim tensor
+    while compiling: drawn inside the custom op ``randprop::dropout_noise``, opaque to the
+    compiler, the same mask as eager for the same seed)."""
+    if isinstance(seed, torch.Tensor):
+        return torch.ops.randprop.dropout_noise(like, list(shape), p, seed)
     gen = generator(seed, like.device)
     noise = torch.empty(shape, dtype=like.dtype, device=like.device)
     return noise.bernoulli_(1 - p, generator=gen).div_(1 - p)
+
+
+@torch.library.custom_op("randprop::dropout_noise", mutates_args=())
+def _noise_op(like: torch.Tensor, shape: list[int], p: float, seed: torch.Tensor) -> torch.Tensor:
+    return dropout_noise(int(seed), p, tuple(shape), like)
+
+
+@_noise_op.register_fake
+def _(like, shape, p, seed) -> torch.Tensor:
+    return like.new_empty(shape)
 
 
 class _SeededDropout(torch.autograd.Function):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from randprop import random as rnd
-from randprop.quantize import BITS, QuantizedTensor, quantize
+from randprop.quantize import BITS, QuantizedTensor, quantize_seeded
 
 #: bits of full-precision storage (the values saved as they are)
 FULL = 32
@@ -45,15 +45,15 @@ def check_storage(owner: str, bits: object, group: object) -> None:
 
 
 def pack(
-    values: torch.Tensor | None, bits: int, group: int, seed: int
+    values: torch.Tensor | None, bits: int, group: int, seed: int | torch.Tensor
 ) -> tuple[tuple[torch.Tensor | None, ...], Meta]:
     """(tensors for ``ctx.save_for_backward``, meta for a ctx attribute) storing ``values`` in
-    ``bits`` bits; the rounding is drawn from ``subseed(seed, SUBSEED_QUANT)``. At 32 bits (or
-    for None) the tensors are ``(values,)`` and the meta None."""
+    ``bits`` bits; the rounding is drawn from ``subseed(seed, SUBSEED_QUANT)`` (``seed`` a
+    compiled layer's tensor seed too). At 32 bits (or for None) the tensors are ``(values,)``
+    and the meta None."""
     if values is None or bits == FULL:
         return (values,), None
-    gen = rnd.generator(rnd.subseed(seed, rnd.SUBSEED_QUANT), values.device)
-    q = quantize(values, bits, group or None, generator=gen)
+    (q,) = quantize_seeded([values], bits, group or None, seed=seed, tag=rnd.SUBSEED_QUANT)
     return q.tensors, q.meta
 
 

@@ -48,8 +48,8 @@ from torch import nn
 
 from randprop.config import check_seed
 from randprop.methods.base import QuantizedLayer, autocast_dtype, needs_grad
-from randprop.quantize import QuantizedTensor, check_bits, quantize
-from randprop.random import SUBSEED_QUANT, generator, subseed
+from randprop.quantize import QuantizedTensor, check_bits, quantize_seeded
+from randprop.random import SUBSEED_QUANT
 
 #: code width of the stored normalised input when none is given (chosen by measurement)
 DEFAULT_BITS = 4
@@ -97,6 +97,11 @@ def _layout(kind: str, shape: torch.Size, norm_dims: int, groups: int) -> _Layou
     )
 
 
+def _check_seed(seed: int | torch.Tensor, owner: str) -> int | torch.Tensor:
+    """``seed`` as an int (:func:`check_seed`), or a compiled layer's 0-dim tensor seed as it is."""
+    return seed if isinstance(seed, torch.Tensor) else check_seed(seed, owner)
+
+
 class _QuantNorm(torch.autograd.Function):
     """The exact norm forward; saves Q(x_hat) (twice with ``paired``) and rstd; backward by the
     formulas of the module docstring with Q(x_hat) for x_hat."""
@@ -129,11 +134,8 @@ class _QuantNorm(torch.autograd.Function):
             x_hat = ((view - mean[..., None]) * rstd[..., None]).reshape(x.shape)
         norm_dims = len(args[0]) if kind in ("layer", "rms") else 1
         layout = _layout(kind, x.shape, norm_dims, args[0] if kind == "group" else 1)
-        gen = generator(subseed(seed, SUBSEED_QUANT), x.device) if stochastic else None
-        group = _group_size(x.shape)
-        codes = [quantize(x_hat, bits, group, generator=gen, stochastic=stochastic)]
-        if paired:
-            codes.append(quantize(x_hat, bits, group, generator=gen, stochastic=stochastic))
+        codes = quantize_seeded([x_hat] * (2 if paired else 1), bits, _group_size(x.shape),
+                                seed=seed, tag=SUBSEED_QUANT, stochastic=stochastic)  # fmt: skip
         rstd = rstd.to(x_hat.dtype).reshape(layout.stat)
         ctx.save_for_backward(rstd, weight, *(t for q in codes for t in q.tensors))
         ctx.metas = [q.meta for q in codes]
@@ -210,7 +212,7 @@ def layer_norm(
     ``stochastic=False`` round to nearest, biased, for comparison; ``paired``: two independent
     codes, dX unbiased) and rstd per row. Without a gradient to compute it is F.layer_norm."""
     check_bits(bits)
-    seed = check_seed(seed, "layer_norm")
+    seed = _check_seed(seed, "layer_norm")
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not needs_grad(input, weight, bias) or input.numel() == 0:
         return F.layer_norm(input, shape, weight, bias, eps)
@@ -234,7 +236,7 @@ def rms_norm(
     """F.rms_norm storing x_hat = x rstd in ``bits`` bits and rstd per row (``seed``,
     ``stochastic``, ``paired`` as in :func:`layer_norm`)."""
     check_bits(bits)
-    seed = check_seed(seed, "rms_norm")
+    seed = _check_seed(seed, "rms_norm")
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not needs_grad(input, weight) or input.numel() == 0:
         return F.rms_norm(input, shape, weight, eps)
@@ -257,7 +259,7 @@ def llama_rms_norm(
     """LLaMA's RMSNorm, ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)`` with x32 the
     input in float32, storing x_hat in ``bits`` bits and rstd per row."""
     check_bits(bits)
-    seed = check_seed(seed, "llama_rms_norm")
+    seed = _check_seed(seed, "llama_rms_norm")
     if not needs_grad(input, weight) or input.numel() == 0:
         x32 = input.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -285,7 +287,7 @@ def batch_norm(
     running statistics updated by PyTorch's own kernel (momentum, unbiased running variance).
     Not training (the running statistics used) it is F.batch_norm itself."""
     check_bits(bits)
-    seed = check_seed(seed, "batch_norm")
+    seed = _check_seed(seed, "batch_norm")
     if not training or not needs_grad(input, weight, bias) or input.numel() == 0:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.dim() < 2 or input.numel() == input.shape[1]:  # F.batch_norm's own error
@@ -308,7 +310,7 @@ def group_norm(
 ) -> torch.Tensor:
     """F.group_norm storing x_hat in ``bits`` bits and rstd per sample and group."""
     check_bits(bits)
-    seed = check_seed(seed, "group_norm")
+    seed = _check_seed(seed, "group_norm")
     plain = not needs_grad(input, weight, bias) or input.numel() == 0 or input.dim() < 2
     if plain or input.shape[1] % num_groups:  # F.group_norm's own error for the latter
         return F.group_norm(input, num_groups, weight, bias, eps)

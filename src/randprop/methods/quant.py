@@ -38,7 +38,7 @@ from randprop.methods.base import (
     weight_to_save,
 )
 from randprop.methods.projections import Conv1DLayer, MultiheadAttentionLayer
-from randprop.quantize import QuantizedTensor, check_bits, quantize
+from randprop.quantize import QuantizedTensor, check_bits, quantize_seeded
 
 
 @register
@@ -81,10 +81,12 @@ def conv_group_size(x_shape: torch.Size, cfg: Quant) -> int:
     return cfg.group or max(x_shape[2:].numel(), 1)
 
 
-def _store(x: torch.Tensor, cfg: Quant, seed: int, group_size: int) -> QuantizedTensor:
-    """Q(x): ``x`` in ``cfg.bits``-bit codes, rounding noise drawn from ``seed``'s quant subseed."""
-    gen = rnd.generator(rnd.subseed(seed, rnd.SUBSEED_QUANT), x.device)
-    return quantize(x, cfg.bits, group_size, generator=gen)
+def _store(
+    x: torch.Tensor, cfg: Quant, seed: int | torch.Tensor, group_size: int
+) -> QuantizedTensor:
+    """Q(x): ``x`` in ``cfg.bits``-bit codes, rounding noise drawn from ``seed``'s quant subseed
+    (``seed`` a compiled layer's tensor seed too)."""
+    return quantize_seeded([x], cfg.bits, group_size, seed=seed, tag=rnd.SUBSEED_QUANT)[0]
 
 
 def _save(ctx, weight: torch.Tensor, stored: QuantizedTensor | None) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +45,14 @@ from randprop.config import (
     MethodConfig,
     check_choice,
     check_fraction,
+    parse_method,
     quiet_field,
     register,
     register_layers,
 )
 from randprop.methods import kbit
 from randprop.methods.base import (
+    ConvArgs,
     RandomizedConvNd,
     RandomizedLayer,
     autocast_inputs,
@@ -265,10 +268,13 @@ def _lift_rows(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (f @ y.reshape(y.shape[0], -1)).view(f.shape[0], *y.shape[1:])
 
 
-def _stored_input(x: torch.Tensor, cfg: SparseVJP, seed: int) -> torch.Tensor:
-    """What a fused layer keeps of its input: the kept rows, P^T X, or all of X."""
+def _stored_input(x: torch.Tensor, cfg: SparseVJP, seed: int | torch.Tensor) -> torch.Tensor:
+    """What a fused layer keeps of its input: the kept rows, P^T X, or all of X (drawn inside
+    the custom op ``randprop::vjp_stored_input`` for a compiled layer's tensor seed)."""
     if not _row_pattern(cfg):
         return x
+    if isinstance(seed, torch.Tensor):
+        return torch.ops.randprop.vjp_stored_input(x, seed, str(cfg))
     gen = rnd.generator(seed, x.device)
     if cfg.sketch == "uniform":
         return _rows(x, kept_units(x.shape[0], None, cfg, gen, x.device)[0])
@@ -294,65 +300,83 @@ class _VJPLinearFn(torch.autograd.Function):
         *stored, weight = ctx.saved_tensors
         stored = kbit.unpack(stored, ctx.stored_meta)
         weight = saved_weight(ctx, weight, grad)
-        cfg, seed = ctx.cfg, ctx.seed
-        need_x, need_w = ctx.needs_input_grad[:2]
-        need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        n_out, n_in = weight.shape
-        gen = rnd.generator(seed, grad.device)
-        grad_x = grad_w = grad_b = None
-        if cfg.structure == "element":
-            g = sketch(grad, cfg, seed)
-            x = stored
-        elif cfg.structure == "row" and cfg.sketch in PROJECTIONS:
-            f = frame(grad.shape[0], cfg, gen, grad)
-            gp = _project_rows(f, grad)  # F^T G: (k, ..., out); S G = F gp
-            if need_x:
-                grad_x = _lift_rows(f, gp @ weight)
-            if need_w:
-                grad_w = gp.reshape(-1, n_out).T @ stored.reshape(-1, n_in)
-            if need_b:
-                grad_b = (f.sum(0) @ gp.reshape(f.shape[1], -1)).view(-1, n_out).sum(0)
-            return grad_x, grad_w, grad_b, None, None
-        elif cfg.structure == "row":
-            scores = None if cfg.sketch == "uniform" else _norms_except(grad, 0)
-            idx, scale = kept_units(grad.shape[0], scores, cfg, gen, grad.device)
-            g = _rows(grad, idx) * scale.to(grad.dtype).view(-1, *[1] * (grad.dim() - 1))
-            x = stored if cfg.sketch == "uniform" or stored is None else _rows(stored, idx)
-            if need_x:
-                grad_x = grad.new_zeros(ctx.x_shape).index_add_(0, idx, g @ weight)
-            need_x = False
-        elif cfg.sketch in PROJECTIONS:  # columns: S = F F^T over output features
-            f = frame(n_out, cfg, gen, grad)
-            gp = grad @ f
-            if need_x:
-                grad_x = gp @ (f.T @ weight)
-            if need_w:
-                grad_w = f @ (gp.reshape(-1, f.shape[1]).T @ stored.reshape(-1, n_in))
-            if need_b:
-                grad_b = f @ gp.reshape(-1, f.shape[1]).sum(0)
-            return grad_x, grad_w, grad_b, None, None
-        else:  # columns, diagonal: only the kept output features
-            scores = None if cfg.sketch == "uniform" else _norms_except(grad, grad.dim() - 1)
-            idx, scale = kept_units(n_out, scores, cfg, gen, grad.device)
-            g = grad.index_select(-1, idx) * scale.to(grad.dtype)
-            g2 = g.flatten(0, -2)
-            if need_x:
-                grad_x = g @ weight.index_select(0, idx)
-            if need_w:
-                grad_w = weight.new_zeros(weight.shape).index_add_(
-                    0, idx, g2.T @ stored.reshape(-1, n_in)
-                )
-            if need_b:
-                grad_b = grad.new_zeros(n_out).index_add_(0, idx, g2.sum(0))
-            return grad_x, grad_w, grad_b, None, None
-        g2 = g.reshape(-1, n_out)
+        need = [*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2]]
+        if isinstance(ctx.seed, torch.Tensor):  # compiled: the draws inside an opaque op
+            grads = torch.ops.randprop.vjp_linear_backward(
+                grad, stored, weight, list(ctx.x_shape), need, ctx.seed, str(ctx.cfg))  # fmt: skip
+            return *_placed(grads, need), None, None
+        grads = linear_backward(grad, stored, weight, ctx.x_shape, need, ctx.cfg, ctx.seed)
+        return *grads, None, None
+
+
+def linear_backward(
+    grad: torch.Tensor,
+    stored: torch.Tensor | None,
+    weight: torch.Tensor,
+    x_shape: Sequence[int],
+    need: Sequence[bool],
+    cfg: SparseVJP,
+    seed: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dX, dW, db) of :func:`vjp_linear`, each where ``need`` says, from the output gradient
+    ``grad`` sketched with ``seed`` and what forward stored of the input."""
+    need_x, need_w, need_b = need
+    n_out, n_in = weight.shape
+    gen = rnd.generator(seed, grad.device)
+    grad_x = grad_w = grad_b = None
+    if cfg.structure == "element":
+        g = sketch(grad, cfg, seed)
+        x = stored
+    elif cfg.structure == "row" and cfg.sketch in PROJECTIONS:
+        f = frame(grad.shape[0], cfg, gen, grad)
+        gp = _project_rows(f, grad)  # F^T G: (k, ..., out); S G = F gp
         if need_x:
-            grad_x = g @ weight
+            grad_x = _lift_rows(f, gp @ weight)
         if need_w:
-            grad_w = g2.T @ x.reshape(-1, n_in)
+            grad_w = gp.reshape(-1, n_out).T @ stored.reshape(-1, n_in)
         if need_b:
-            grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, None, None
+            grad_b = (f.sum(0) @ gp.reshape(f.shape[1], -1)).view(-1, n_out).sum(0)
+        return grad_x, grad_w, grad_b
+    elif cfg.structure == "row":
+        scores = None if cfg.sketch == "uniform" else _norms_except(grad, 0)
+        idx, scale = kept_units(grad.shape[0], scores, cfg, gen, grad.device)
+        g = _rows(grad, idx) * scale.to(grad.dtype).view(-1, *[1] * (grad.dim() - 1))
+        x = stored if cfg.sketch == "uniform" or stored is None else _rows(stored, idx)
+        if need_x:
+            grad_x = grad.new_zeros(x_shape).index_add_(0, idx, g @ weight)
+        need_x = False
+    elif cfg.sketch in PROJECTIONS:  # columns: S = F F^T over output features
+        f = frame(n_out, cfg, gen, grad)
+        gp = grad @ f
+        if need_x:
+            grad_x = gp @ (f.T @ weight)
+        if need_w:
+            grad_w = f @ (gp.reshape(-1, f.shape[1]).T @ stored.reshape(-1, n_in))
+        if need_b:
+            grad_b = f @ gp.reshape(-1, f.shape[1]).sum(0)
+        return grad_x, grad_w, grad_b
+    else:  # columns, diagonal: only the kept output features
+        scores = None if cfg.sketch == "uniform" else _norms_except(grad, grad.dim() - 1)
+        idx, scale = kept_units(n_out, scores, cfg, gen, grad.device)
+        g = grad.index_select(-1, idx) * scale.to(grad.dtype)
+        g2 = g.flatten(0, -2)
+        if need_x:
+            grad_x = g @ weight.index_select(0, idx)
+        if need_w:
+            grad_w = weight.new_zeros(weight.shape).index_add_(
+                0, idx, g2.T @ stored.reshape(-1, n_in)
+            )
+        if need_b:
+            grad_b = grad.new_zeros(n_out).index_add_(0, idx, g2.sum(0))
+        return grad_x, grad_w, grad_b
+    g2 = g.reshape(-1, n_out)
+    if need_x:
+        grad_x = g @ weight
+    if need_w:
+        grad_w = g2.T @ x.reshape(-1, n_in)
+    if need_b:
+        grad_b = g2.sum(0)
+    return grad_x, grad_w, grad_b
 
 
 def vjp_linear(
@@ -430,74 +454,90 @@ class _VJPConvFn(torch.autograd.Function):
         *stored, weight = ctx.saved_tensors
         stored = kbit.unpack(stored, ctx.stored_meta)
         weight = saved_weight(ctx, weight, grad)
-        cfg, seed, conv, x_shape = ctx.cfg, ctx.seed, ctx.conv, ctx.x_shape
-        need_x, need_w = ctx.needs_input_grad[:2]
-        need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
-        gen = rnd.generator(seed, grad.device)
+        need = [*ctx.needs_input_grad[:2], ctx.bias_shape is not None and ctx.needs_input_grad[2]]
         rest = (None,) * 7
-        if cfg.structure == "element" or (cfg.structure == "column" and conv[4] != 1):
-            g = sketch(grad, cfg, seed, channel_dim=1)
-            out = conv_backward(
-                g, stored, x_shape, weight, ctx.bias_shape, conv, [need_x, need_w, need_b]
-            )
-            return (*out, *rest)
-        if cfg.structure == "row" and cfg.sketch in PROJECTIONS:
-            f = frame(grad.shape[0], cfg, gen, grad)
-            gp = _project_rows(f, grad)
-            k_shape = (f.shape[1], *x_shape[1:])
-            gx, gw, _ = conv_backward(
-                gp, stored, k_shape, weight, None, conv, [need_x, need_w, False]
-            )
-            gb = None
-            if need_b:
-                gb = (f.sum(0) @ gp.reshape(f.shape[1], -1)).view(gp.shape[1], -1).sum(1)
-            return (None if gx is None else _lift_rows(f, gx), gw, gb, *rest)
-        if cfg.structure == "row":
-            scores = None if cfg.sketch == "uniform" else _norms_except(grad, 0)
-            idx, scale = kept_units(grad.shape[0], scores, cfg, gen, grad.device)
-            g = _rows(grad, idx) * scale.to(grad.dtype).view(-1, *[1] * (grad.dim() - 1))
-            x = stored if cfg.sketch == "uniform" or stored is None else _rows(stored, idx)
-            gx, gw, gb = conv_backward(
-                g,
-                x,
-                (idx.numel(), *x_shape[1:]),
-                weight,
-                ctx.bias_shape,
-                conv,
-                [need_x, need_w, need_b],
-            )
-            if gx is not None:
-                gx = grad.new_zeros(x_shape).index_add_(0, idx, gx)
-            return (gx, gw, gb, *rest)
-        n_out = weight.shape[0]
-        if cfg.sketch in PROJECTIONS:  # columns (channels), S = F F^T
-            f = frame(n_out, cfg, gen, grad)
-            gp = (grad.movedim(1, -1) @ f).movedim(-1, 1)
-            wp = (f.T @ weight.reshape(n_out, -1)).view(f.shape[1], *weight.shape[1:])
-            bias_k = None if not need_b else [f.shape[1]]
-            gx, gw, gb = conv_backward(
-                gp, stored, x_shape, wp, bias_k, conv, [need_x, need_w, need_b]
-            )
-            if gw is not None:
-                gw = (f @ gw.reshape(f.shape[1], -1)).view_as(weight)
-            return (gx, gw, None if gb is None else f @ gb, *rest)
-        scores = None if cfg.sketch == "uniform" else _norms_except(grad, 1)
-        idx, scale = kept_units(n_out, scores, cfg, gen, grad.device)
-        g = grad.index_select(1, idx) * scale.to(grad.dtype).view(-1, *[1] * (grad.dim() - 2))
+        if isinstance(ctx.seed, torch.Tensor):  # compiled: the draws inside an opaque op
+            stride, padding, dilation, _, groups = ctx.conv
+            grads = torch.ops.randprop.vjp_conv_backward(
+                grad, stored, weight, list(ctx.x_shape), ctx.bias_shape, stride, padding,
+                dilation, groups, need, ctx.seed, str(ctx.cfg))  # fmt: skip
+            return *_placed(grads, need), *rest
+        args = (ctx.x_shape, ctx.bias_shape, ctx.conv, need, ctx.cfg, ctx.seed)
+        return *conv_backward_sketched(grad, stored, weight, *args), *rest
+
+
+def conv_backward_sketched(
+    grad: torch.Tensor,
+    stored: torch.Tensor | None,
+    weight: torch.Tensor,
+    x_shape: Sequence[int],
+    bias_shape: Sequence[int] | None,
+    conv: ConvArgs,
+    need: Sequence[bool],
+    cfg: SparseVJP,
+    seed: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dX, dW, db) of :func:`vjp_conv`, each where ``need`` says, from the output gradient
+    ``grad`` sketched with ``seed`` and what forward stored of the input."""
+    need_x, need_w, need_b = need
+    gen = rnd.generator(seed, grad.device)
+    if cfg.structure == "element" or (cfg.structure == "column" and conv[4] != 1):
+        g = sketch(grad, cfg, seed, channel_dim=1)
+        out = conv_backward(g, stored, x_shape, weight, bias_shape, conv, [need_x, need_w, need_b])
+        return out
+    if cfg.structure == "row" and cfg.sketch in PROJECTIONS:
+        f = frame(grad.shape[0], cfg, gen, grad)
+        gp = _project_rows(f, grad)
+        k_shape = (f.shape[1], *x_shape[1:])
+        gx, gw, _ = conv_backward(gp, stored, k_shape, weight, None, conv, [need_x, need_w, False])
+        gb = None
+        if need_b:
+            gb = (f.sum(0) @ gp.reshape(f.shape[1], -1)).view(gp.shape[1], -1).sum(1)
+        return (None if gx is None else _lift_rows(f, gx), gw, gb)
+    if cfg.structure == "row":
+        scores = None if cfg.sketch == "uniform" else _norms_except(grad, 0)
+        idx, scale = kept_units(grad.shape[0], scores, cfg, gen, grad.device)
+        g = _rows(grad, idx) * scale.to(grad.dtype).view(-1, *[1] * (grad.dim() - 1))
+        x = stored if cfg.sketch == "uniform" or stored is None else _rows(stored, idx)
         gx, gw, gb = conv_backward(
             g,
-            stored,
-            x_shape,
-            weight.index_select(0, idx),
-            None if not need_b else [idx.numel()],
+            x,
+            (idx.numel(), *x_shape[1:]),
+            weight,
+            bias_shape,
             conv,
             [need_x, need_w, need_b],
         )
+        if gx is not None:
+            gx = grad.new_zeros(x_shape).index_add_(0, idx, gx)
+        return (gx, gw, gb)
+    n_out = weight.shape[0]
+    if cfg.sketch in PROJECTIONS:  # columns (channels), S = F F^T
+        f = frame(n_out, cfg, gen, grad)
+        gp = (grad.movedim(1, -1) @ f).movedim(-1, 1)
+        wp = (f.T @ weight.reshape(n_out, -1)).view(f.shape[1], *weight.shape[1:])
+        bias_k = None if not need_b else [f.shape[1]]
+        gx, gw, gb = conv_backward(gp, stored, x_shape, wp, bias_k, conv, [need_x, need_w, need_b])
         if gw is not None:
-            gw = torch.zeros_like(weight).index_add_(0, idx, gw)
-        if gb is not None:
-            gb = grad.new_zeros(n_out).index_add_(0, idx, gb)
-        return (gx, gw, gb, *rest)
+            gw = (f @ gw.reshape(f.shape[1], -1)).view_as(weight)
+        return (gx, gw, None if gb is None else f @ gb)
+    scores = None if cfg.sketch == "uniform" else _norms_except(grad, 1)
+    idx, scale = kept_units(n_out, scores, cfg, gen, grad.device)
+    g = grad.index_select(1, idx) * scale.to(grad.dtype).view(-1, *[1] * (grad.dim() - 2))
+    gx, gw, gb = conv_backward(
+        g,
+        stored,
+        x_shape,
+        weight.index_select(0, idx),
+        None if not need_b else [idx.numel()],
+        conv,
+        [need_x, need_w, need_b],
+    )
+    if gw is not None:
+        gw = torch.zeros_like(weight).index_add_(0, idx, gw)
+    if gb is not None:
+        gb = grad.new_zeros(n_out).index_add_(0, idx, gb)
+    return (gx, gw, gb)
 
 
 def _vjp_conv(x, weight, bias, stride, padding, dilation, groups, *, cfg: SparseVJP, seed: int):
@@ -609,3 +649,82 @@ register_layers(
         nn.MultiheadAttention: VJPMultiheadAttention,
     },
 )
+
+
+# --- the draws as custom ops, for torch.compile ----------------------------------------------
+#
+# While torch.compile traces, a layer's seed is a 0-dim int64 tensor (see
+# RandomizedLayer.rp_next_seed). The forward's row draw and the whole sketched backward run
+# inside these ops, opaque to the compiler; each reads the seed and calls the eager function
+# above, so compiled and eager runs draw bitwise the same numbers. The config travels as a string.
+
+_config = functools.lru_cache(maxsize=None)(parse_method)
+
+
+def _placed(grads: list[torch.Tensor], need: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
+    """An op's gradients (those needed, in order) in their slots, None in the others."""
+    it = iter(grads)
+    return tuple(next(it) if n else None for n in need)
+
+
+def _needed(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    return [g for g in grads if g is not None]
+
+
+@torch.library.custom_op("randprop::vjp_stored_input", mutates_args=())
+def _stored_input_op(x: torch.Tensor, seed: torch.Tensor, method: str) -> torch.Tensor:
+    return _stored_input(x, _config(method), int(seed))
+
+
+@_stored_input_op.register_fake
+def _(x, seed, method) -> torch.Tensor:
+    cfg, n = _config(method), x.shape[0]
+    k = min(n, math.ceil(cfg.density * n)) if cfg.sketch == "uniform" else None
+    return x.new_empty(k or rnd.kept_count(n, cfg.density), *x.shape[1:])
+
+
+@torch.library.custom_op("randprop::vjp_linear_backward", mutates_args=())
+def _linear_backward_op(
+    grad: torch.Tensor,
+    stored: torch.Tensor | None,
+    weight: torch.Tensor,
+    x_shape: list[int],
+    need: list[bool],
+    seed: torch.Tensor,
+    method: str,
+) -> list[torch.Tensor]:
+    return _needed(linear_backward(grad, stored, weight, x_shape, need, _config(method), int(seed)))
+
+
+@_linear_backward_op.register_fake
+def _(grad, stored, weight, x_shape, need, seed, method) -> list[torch.Tensor]:
+    shapes = (x_shape, weight.shape, weight.shape[:1])
+    return [grad.new_empty(shape) for shape, n in zip(shapes, need, strict=True) if n]
+
+
+@torch.library.custom_op("randprop::vjp_conv_backward", mutates_args=())
+def _conv_backward_op(
+    grad: torch.Tensor,
+    stored: torch.Tensor | None,
+    weight: torch.Tensor,
+    x_shape: list[int],
+    bias_shape: list[int] | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    need: list[bool],
+    seed: torch.Tensor,
+    method: str,
+) -> list[torch.Tensor]:
+    conv = (stride, padding, dilation, [0] * len(stride), groups)
+    grads = conv_backward_sketched(grad, stored, weight, x_shape, bias_shape, conv, need,
+                                   _config(method), int(seed))  # fmt: skip
+    return _needed(grads)
+
+
+@_conv_backward_op.register_fake
+def _(grad, stored, weight, x_shape, bias_shape, stride, padding, dilation, groups, need, seed,
+      method) -> list[torch.Tensor]:  # fmt: skip
+    shapes = (x_shape, weight.shape, bias_shape)
+    return [grad.new_empty(shape) for shape, n in zip(shapes, need, strict=True) if n]
