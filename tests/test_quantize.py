@@ -130,7 +130,15 @@ def _frozen_quantize(x, bits, group_size, gen, stochastic):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize(
     ("shape", "group"),
-    [((16, 96), None), ((5, 7), None), ((3, 11, 13), 8), ((4, 50), 25), ((1,), None), ((0, 4), 3)],
+    [
+        ((64, 768), None),
+        ((16, 96), None),
+        ((5, 7), None),
+        ((3, 11, 13), 8),
+        ((4, 50), 25),
+        ((1,), None),
+        ((0, 4), 3),
+    ],
 )
 @pytest.mark.parametrize("stochastic", [True, False])
 def test_bitwise_equal_to_the_frozen_algorithm(bits, dtype, shape, group, stochastic):
