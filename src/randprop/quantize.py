@@ -159,10 +159,12 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     check_bits(bits)
     if bits == 8:
         return packed[:numel]
-    table = (
-        torch.arange(256, dtype=torch.uint8, device=packed.device)[:, None]
-        >> _shifts(bits, packed.device)
-    ) & ((1 << bits) - 1)
+    shifts = _shifts(bits, packed.device)
+    if torch.compiler.is_compiling():  # the same codes by shifts, which fuse
+        return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
+    table = (torch.arange(256, dtype=torch.uint8, device=packed.device)[:, None] >> shifts) & (
+        (1 << bits) - 1
+    )
     words = table.view(_SPREAD[bits][0]).view(-1).index_select(0, packed.to(torch.int32))
     return words.view(torch.uint8)[:numel]
 

@@ -105,7 +105,7 @@ class _QuantNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, kind, args, bits, seed, stochastic, paired):
         if kind == "layer":
             y, mean, rstd = torch.native_layer_norm(x, args[0], weight, bias, args[1])
-            x_hat = (_work(x) - mean) * rstd
+            x_hat = torch.sub(_work(x), mean).mul_(rstd)
         elif kind == "rms":
             y, rstd = _rms_norm(x, args[0], weight, args[1])
             x_hat = _work(x) * rstd
@@ -120,13 +120,13 @@ class _QuantNorm(torch.autograd.Function):
                 x, weight, bias, running_mean, running_var, True, momentum, eps
             )
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            x_hat = (_work(x) - mean.view(shape)) * rstd.view(shape)
+            x_hat = torch.sub(_work(x), mean.view(shape)).mul_(rstd.view(shape))
         else:  # group
             b, c, groups, eps = x.shape[0], x.shape[1], args[0], args[1]
             s = math.prod(x.shape[2:])
             y, mean, rstd = torch.native_group_norm(x, weight, bias, b, c, s, groups, eps)
             view = _work(x).reshape(b, groups, -1)
-            x_hat = ((view - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+            x_hat = torch.sub(view, mean[..., None]).mul_(rstd[..., None]).reshape(x.shape)
         norm_dims = len(args[0]) if kind in ("layer", "rms") else 1
         layout = _layout(kind, x.shape, norm_dims, args[0] if kind == "group" else 1)
         gen = generator(subseed(seed, SUBSEED_QUANT), x.device) if stochastic else None
