@@ -157,7 +157,7 @@ class _QuantNorm(torch.autograd.Function):
             inner = x_hats[-1]  # the second, independent code when paired
             mean_gx = (g * inner).mean(lay.reduce, keepdim=True)
             centred = g - g.mean(lay.reduce, keepdim=True) if lay.center else g
-            grad_x = rstd * (centred - x_hats[0] * mean_gx)
+            grad_x = (x_hats[0] * mean_gx).neg_().add_(centred).mul_(rstd)  # rstd (c - x m)
             grad_x = grad_x.reshape(grad_out.shape).to(ctx.x_dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             x_hat = x_hats[0] if len(x_hats) == 1 else (x_hats[0] + x_hats[1]) / 2
