@@ -3,7 +3,9 @@ transformer-shaped layer ([coverage] item 8): Linear 768 -> 3072, input 8 x 128 
 gradient needed, as inside a transformer), each estimator storing about a quarter of X's bytes.
 
     PYTHONPATH=src .venv/bin/python benchmarks/transformer_layer_speed.py \
-        benchmarks/results/transformer-layer-speed.md
+        benchmarks/results/transformer-layer-speed.md [SETTING ...]
+
+SETTINGS after the output path time only those rows (and skip the CRS ``winners`` table).
 
 Time: exact and every estimator alternate in one process, REPEATS rounds after a warm-up, at 1
 torch thread and at the machine's thread count; each round gives each estimator's time over
@@ -111,24 +113,25 @@ def relative_variance(base: nn.Linear, setting: str, x, dy) -> float:
     return statistics.fmean(errors) / exact.square().sum().item()
 
 
-def main(path: Path) -> None:
+def main(path: Path, settings: tuple[str, ...] = SETTINGS) -> None:
     start, load = time.time(), os.getloadavg()
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT)
     x, dy = inputs(varied=False)
-    models = {"exact": layer(base, None)} | {s: layer(base, s) for s in SETTINGS}
+    models = {"exact": layer(base, None)} | {s: layer(base, s) for s in settings}
     nbytes = {name: saved_bytes(m, x, dy) for name, m in models.items()}
     threads = os.cpu_count() or 1
     timing = {t: time_ratios(models, x, dy, t) for t in sorted({1, threads})}
     torch.set_num_threads(1)
     variance = {
-        varied: {s: relative_variance(base, s, *inputs(varied)) for s in SETTINGS}
+        varied: {s: relative_variance(base, s, *inputs(varied)) for s in settings}
         for varied in (False, True)
     }
     winners = {
         varied: {w: relative_variance(base, f"crs:keep=0.25,winners={w}", *inputs(varied))
                  for w in WINNERS}
         for varied in (False, True)
+        if settings == SETTINGS
     }  # fmt: skip
     end_load = os.getloadavg()
     head = " | ".join(f"{t} thread{'s' * (t > 1)}: ms, / exact" for t in timing)
@@ -136,7 +139,8 @@ def main(path: Path) -> None:
         f"# Linear {IN} -> {OUT} on a {SHAPE[0]} x {SHAPE[1]} x {IN} input: time and variance "
         "per estimator",
         "",
-        f"Command: `PYTHONPATH=src .venv/bin/python benchmarks/transformer_layer_speed.py {path}`  ",
+        f"Command: `PYTHONPATH=src .venv/bin/python benchmarks/transformer_layer_speed.py {path}"
+        f"{'' if settings == SETTINGS else ' ' + ' '.join(settings)}`  ",
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, torch "
         f"{torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load "
         f"average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the start, "
@@ -160,19 +164,20 @@ def main(path: Path) -> None:
             "0" if name == "exact" else f"{variance[v][name]:.3f}" for v in (False, True)
         )
         lines.append(f"| {name} | {nbytes[name]} | {cells} | {var} |")
-    lines += [
-        "",
-        "CRS (keep 0.25) by `winners`, the least fraction of the K rows kept deterministically:",
-        "",
-        "| winners | variance, similar norms | variance, varied norms |",
-        "|---|---|---|",
-    ]
-    for w in WINNERS:
-        lines.append(f"| {w} | {winners[False][w]:.3f} | {winners[True][w]:.3f} |")
+    if winners:
+        lines += [
+            "",
+            "CRS (keep 0.25) by `winners`, the least fraction of the K rows kept deterministically:",
+            "",
+            "| winners | variance, similar norms | variance, varied norms |",
+            "|---|---|---|",
+        ]
+        for w in WINNERS:
+            lines.append(f"| {w} | {winners[False][w]:.3f} | {winners[True][w]:.3f} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), tuple(sys.argv[2:]) or SETTINGS)

@@ -85,3 +85,76 @@ def test_bad_arguments_name_the_argument():
         quantize(x, 2, generator=None)
     with pytest.raises(TypeError, match="floating-point"):
         quantize(torch.ones(3, dtype=torch.int64), 2, generator=generator(0))
+
+
+# --- the stored codes, scales and dequantized values are frozen ----------------------------------
+# Published figures depend on them: a faster quantizer must reproduce, bit for bit, this copy of
+# the algorithm as first written (two passes for min and max, floor, clamp, shift-and-sum packing).
+
+
+def _frozen_quantize(x, bits, group_size, gen, stochastic):
+    levels = (1 << bits) - 1
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = x.detach().reshape(-1).to(work)
+    pad = (-flat.numel()) % group_size
+    if pad:
+        flat = torch.cat([flat, flat[-1:].expand(pad) if flat.numel() else flat.new_zeros(pad)])
+    groups = flat.view(-1, group_size)
+    low = groups.amin(dim=1)
+    scale = (groups.amax(dim=1) - low) / levels
+    inverse = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
+    codes = (groups - low[:, None]) * inverse[:, None]
+    if stochastic:
+        codes += torch.rand(codes.shape, generator=gen, device=codes.device)
+        codes = codes.floor_()
+    else:
+        codes = codes.round_()
+    codes = codes.clamp_(0, levels).to(torch.uint8).reshape(-1)[: x.numel()]
+    per_byte = 8 // bits
+    pad = (-codes.numel()) % per_byte
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    packed = (codes.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
+    unpacked = ((packed[:, None] >> shifts) & levels).reshape(-1)[: x.numel()]
+    codes = unpacked.to(scale.dtype)
+    pad = (-codes.numel()) % group_size
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    values = torch.addcmul(low[:, None], codes.view(-1, group_size), scale[:, None])
+    values = values.reshape(-1)[: x.numel()].reshape(x.shape).to(x.dtype)
+    return packed, scale, low, values
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    ("shape", "group"),
+    [
+        ((64, 768), None),
+        ((16, 96), None),
+        ((5, 7), None),
+        ((3, 11, 13), 8),
+        ((4, 50), 25),
+        ((1,), None),
+        ((0, 4), 3),
+    ],
+)
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_bitwise_equal_to_the_frozen_algorithm(bits, dtype, shape, group, stochastic):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(7)) * 3).to(dtype)
+    if x.numel() > 2:
+        x.view(-1)[:2] = 0.5  # ties and a constant pair
+    gsize = group or (max(shape[-1], 1))
+    gen, ref_gen = generator(99), generator(99)
+    q = quantize(x, bits, group, generator=gen, stochastic=stochastic)
+    packed, scale, low, values = _frozen_quantize(x, bits, gsize, ref_gen, stochastic)
+    assert torch.equal(q.packed, packed) and q.packed.dtype == torch.uint8
+    assert torch.equal(q.scale, scale) and q.scale.dtype == scale.dtype
+    assert torch.equal(q.offset, low) and q.offset.dtype == low.dtype
+    out = q.dequantize()
+    assert out.dtype == values.dtype and out.shape == values.shape
+    assert torch.equal(out.view(-1).view(torch.uint8), values.view(-1).view(torch.uint8))
+    assert torch.equal(unpack(q.packed, bits, x.numel()), unpack(packed, bits, x.numel()))
+    if stochastic:  # the generator is left where the frozen algorithm leaves it
+        assert torch.equal(torch.rand(3, generator=gen), torch.rand(3, generator=ref_gen))

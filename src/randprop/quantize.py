@@ -18,6 +18,7 @@ input) quantizes through :func:`quantize` and reads back through :meth:`Quantize
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,9 +79,17 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         """m + q s per element, in the original shape and dtype."""
         numel = math.prod(self.shape)
-        codes = unpack(self.packed, self.bits, numel).to(self.scale.dtype)
-        groups = _grouped(codes, self.group_size)
-        values = torch.addcmul(self.offset[:, None], groups, self.scale[:, None])
+        per_byte = 8 // self.bits
+        codes = unpack(self.packed, self.bits, self.packed.numel() * per_byte).to(self.scale.dtype)
+        rows = -(-numel // self.group_size)
+        if codes.numel() >= rows * self.group_size:  # the packing's tail covers the last group
+            groups = codes[: rows * self.group_size].view(rows, self.group_size)
+        else:
+            groups = _grouped(codes[:numel], self.group_size)
+        # in place on a dense copy of the offsets: the same fused m + q s as
+        # torch.addcmul(offset[:, None], groups, scale[:, None]), which is many times slower
+        values = self.offset[:, None].expand(groups.shape).contiguous()
+        values.addcmul_(groups, self.scale[:, None])
         return values.reshape(-1)[:numel].reshape(self.shape).to(self.dtype)
 
 
@@ -111,19 +120,26 @@ def quantize(
     low = groups.amin(dim=1)
     scale = (groups.amax(dim=1) - low) / levels
     inverse = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
-    codes = (groups - low[:, None]) * inverse[:, None]
+    codes = torch.sub(groups, low[:, None]).mul_(inverse[:, None])
     if stochastic:
         codes += torch.rand(codes.shape, generator=generator, device=codes.device)
-        codes = codes.floor_()
     else:
         codes = codes.round_()
-    codes = codes.clamp_(0, levels).to(torch.uint8)
-    packed = pack(codes.reshape(-1)[: x.numel()], bits)
+    # codes >= 0 (x >= the group's minimum), so the cast's truncation is the floor of
+    # stochastic rounding, and floor(min(c, levels)) = min(floor(c), levels)
+    codes = codes.clamp_(0, levels).to(torch.uint8).reshape(-1)
+    if codes.numel() > x.numel():  # the padded tail
+        codes = codes[: x.numel()].clone() if bits == 8 else codes[: x.numel()]
+    packed = codes if bits == 8 else pack(codes, bits)
     return QuantizedTensor(packed, scale, low, x.shape, x.dtype, bits, group_size)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes below 2^bits, flattened and packed 8 / bits per byte (zero padded)."""
+    """uint8 codes below 2^bits, flattened and packed 8 / bits per byte (zero padded).
+
+    Each 8 / bits codes (one per byte) are read as one little-endian word, code i at bit 8 i;
+    multiplying by sum_i 2^(P - (8 - bits) i) puts code i at bit P + bits i with every partial
+    product on bits of its own (no carries), so the word's bits [P, P + 8) are the packed byte."""
     check_bits(bits)
     per_byte = 8 // bits
     flat = codes.reshape(-1).to(torch.uint8)
@@ -132,17 +148,36 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     if per_byte == 1:
         return flat.clone()
-    shifts = _shifts(bits, flat.device)
-    return (flat.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
+    if torch.compiler.is_compiling() or sys.byteorder != "little":
+        return (flat.view(-1, per_byte) << _shifts(bits, flat.device)).sum(1, dtype=torch.uint8)
+    word, spread, top = _SPREAD[bits]
+    if flat.storage_offset() % per_byte:  # a word view needs aligned storage
+        flat = flat.clone()
+    return ((flat.view(word) * spread) >> top).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """The first ``numel`` uint8 codes of :func:`pack`'s output, flattened."""
+    """The first ``numel`` uint8 codes of :func:`pack`'s output, flattened: each byte's
+    8 / bits codes gathered, as one word, from a table of all 256 bytes' codes."""
     check_bits(bits)
     if bits == 8:
         return packed[:numel]
-    codes = (packed[:, None] >> _shifts(bits, packed.device)) & ((1 << bits) - 1)
-    return codes.reshape(-1)[:numel]
+    shifts = _shifts(bits, packed.device)
+    if torch.compiler.is_compiling():  # the same codes by shifts, which fuse
+        return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
+    table = (torch.arange(256, dtype=torch.uint8, device=packed.device)[:, None] >> shifts) & (
+        (1 << bits) - 1
+    )
+    words = table.view(_SPREAD[bits][0]).view(-1).index_select(0, packed.to(torch.int32))
+    return words.view(torch.uint8)[:numel]
+
+
+#: bits -> (the word of 8 / bits codes, its multiplier, the packed byte's lowest bit)
+_SPREAD = {
+    1: (torch.int64, 0x0102040810204080, 56),
+    2: (torch.int32, (1 << 18) + (1 << 12) + (1 << 6) + 1, 18),
+    4: (torch.int16, (1 << 4) + 1, 4),
+}
 
 
 def _shifts(bits: int, device: torch.device) -> torch.Tensor:

@@ -340,3 +340,41 @@ def test_transformers_activations_without_a_form_are_reported():
     holder = nn.Sequential(transformers.activations.ACT2FN["mish"])
     report = rp.convert(holder, "rad")
     assert report.skipped == {"0": "Mish has no k-bit form yet; kept exact"}
+
+
+# The stored derivative codes depend on f'(x) to the last bit (published figures): each derivative
+# must equal, bitwise, its expression as first written (the in-place forms only save passes).
+_FROZEN_DERIVATIVES = {
+    "gelu": lambda x: (
+        0.5 * (1.0 + torch.erf(x * math.sqrt(0.5)))
+        + x * torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    ),
+    "gelu_tanh": lambda x: (
+        lambda t: (
+            0.5 * (1.0 + t)
+            + 0.5 * x * (1.0 - t * t) * math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x * x)
+        )
+    )(torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x))),
+    "gelu_fast": lambda x: (
+        lambda t: (
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608 * (1.0 + 3 * 0.044715 * x * x)
+        )
+    )(torch.tanh(0.7978845608 * (x + 0.044715 * x * x * x))),
+    "silu": lambda x: (lambda s: s * (1.0 + x * (1.0 - s)))(torch.sigmoid(x)),
+    "quick_gelu": lambda x: (lambda s: s + 1.702 * x * s * (1.0 - s))(torch.sigmoid(1.702 * x)),
+    "tanh": lambda x: (lambda t: 1.0 - t * t)(torch.tanh(x)),
+    "sigmoid": lambda x: (lambda s: s * (1.0 - s))(torch.sigmoid(x)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_FROZEN_DERIVATIVES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_derivatives_bitwise_as_first_written(kind, dtype):
+    assert set(_FROZEN_DERIVATIVES) == set(act.DERIVATIVES)
+    x = (torch.randn(37, 129, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
+    before = x.clone()
+    work = x if dtype == torch.float64 else x.float()
+    got, want = act.DERIVATIVES[kind](x), _FROZEN_DERIVATIVES[kind](work)
+    assert got.dtype == want.dtype
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(x, before)  # the input is never written

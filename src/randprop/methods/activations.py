@@ -57,41 +57,44 @@ def _work(x: torch.Tensor) -> torch.Tensor:
 def gelu_grad(x: torch.Tensor) -> torch.Tensor:
     """d/dx x Phi(x) = Phi(x) + x phi(x) (GELU, erf form)."""
     x = _work(x)
-    return 0.5 * (1.0 + torch.erf(x * math.sqrt(0.5))) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    cdf = torch.mul(x, math.sqrt(0.5)).erf_().add_(1.0).mul_(0.5)
+    return cdf.add_(torch.mul(x, -0.5).mul_(x).exp_().mul_(x).mul_(_INV_SQRT_2PI))
 
 
 def gelu_tanh_grad(x: torch.Tensor, c: float = _SQRT_2_OVER_PI) -> torch.Tensor:
     """d/dx x (1 + tanh(c (x + 0.044715 x^3))) / 2
     = (1 + t) / 2 + x (1 - t^2) c (1 + 3 0.044715 x^2) / 2, t the tanh."""
     x = _work(x)
-    t = torch.tanh(c * (x + 0.044715 * x * x * x))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+    t = torch.mul(x, 0.044715).mul_(x).mul_(x).add_(x).mul_(c).tanh_()
+    out = torch.add(t, 1.0).mul_(0.5)
+    rest = torch.mul(x, 0.5).mul_(t.mul_(t).neg_().add_(1.0)).mul_(c)
+    return out.add_(rest.mul_(torch.mul(x, 3 * 0.044715).mul_(x).add_(1.0)))
 
 
 def silu_grad(x: torch.Tensor) -> torch.Tensor:
     """d/dx x s(x) = s (1 + x (1 - s)), s = sigmoid(x)."""
     x = _work(x)
     s = torch.sigmoid(x)
-    return s * (1.0 + x * (1.0 - s))
+    return torch.neg(s).add_(1.0).mul_(x).add_(1.0).mul_(s)
 
 
 def quick_gelu_grad(x: torch.Tensor) -> torch.Tensor:
     """d/dx x s(1.702 x) = s + 1.702 x s (1 - s), s = sigmoid(1.702 x)."""
-    x = _work(x)
-    s = torch.sigmoid(1.702 * x)
-    return s + 1.702 * x * s * (1.0 - s)
+    scaled = torch.mul(_work(x), 1.702)
+    s = torch.sigmoid(scaled)
+    return scaled.mul_(s).mul_(torch.neg(s).add_(1.0)).add_(s)
 
 
 def tanh_grad(x: torch.Tensor) -> torch.Tensor:
     """d/dx tanh(x) = 1 - tanh(x)^2."""
     t = torch.tanh(_work(x))
-    return 1.0 - t * t
+    return t.mul_(t).neg_().add_(1.0)
 
 
 def sigmoid_grad(x: torch.Tensor) -> torch.Tensor:
     """d/dx sigmoid(x) = s (1 - s)."""
     s = torch.sigmoid(_work(x))
-    return s * (1.0 - s)
+    return torch.neg(s).add_(1.0).mul_(s)
 
 
 #: activation kind -> its derivative f'(x); the kinds the layers and gates know
@@ -123,7 +126,7 @@ class _QuantizedDerivative(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         slope = QuantizedTensor.rebuild(ctx.saved_tensors, ctx.meta).dequantize()
-        return (slope * grad_out).to(ctx.x_dtype), None, None, None, None, None, None
+        return slope.mul_(grad_out).to(ctx.x_dtype), None, None, None, None, None, None
 
 
 class _QuantizedGate(torch.autograd.Function):
@@ -134,7 +137,7 @@ class _QuantizedGate(torch.autograd.Function):
     def forward(ctx, a, b, fn, derivative, bits, seed, stochastic):
         fa = fn(a)
         y = fa * b
-        g = derivative(a) * _work(b)
+        g = derivative(a).mul_(_work(b))
         q_f, q_g = quantize_seeded([fa, g], bits, seed=seed, stochastic=stochastic)
         ctx.save_for_backward(*q_f.tensors, *q_g.tensors)
         ctx.metas, ctx.dtypes = (q_f.meta, q_g.meta), (a.dtype, b.dtype)

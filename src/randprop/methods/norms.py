@@ -110,7 +110,7 @@ class _QuantNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, kind, args, bits, seed, stochastic, paired):
         if kind == "layer":
             y, mean, rstd = torch.native_layer_norm(x, args[0], weight, bias, args[1])
-            x_hat = (_work(x) - mean) * rstd
+            x_hat = torch.sub(_work(x), mean).mul_(rstd)
         elif kind == "rms":
             y, rstd = _rms_norm(x, args[0], weight, args[1])
             x_hat = _work(x) * rstd
@@ -125,13 +125,13 @@ class _QuantNorm(torch.autograd.Function):
                 x, weight, bias, running_mean, running_var, True, momentum, eps
             )
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            x_hat = (_work(x) - mean.view(shape)) * rstd.view(shape)
+            x_hat = torch.sub(_work(x), mean.view(shape)).mul_(rstd.view(shape))
         else:  # group
             b, c, groups, eps = x.shape[0], x.shape[1], args[0], args[1]
             s = math.prod(x.shape[2:])
             y, mean, rstd = torch.native_group_norm(x, weight, bias, b, c, s, groups, eps)
             view = _work(x).reshape(b, groups, -1)
-            x_hat = ((view - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+            x_hat = torch.sub(view, mean[..., None]).mul_(rstd[..., None]).reshape(x.shape)
         norm_dims = len(args[0]) if kind in ("layer", "rms") else 1
         layout = _layout(kind, x.shape, norm_dims, args[0] if kind == "group" else 1)
         codes = quantize_seeded([x_hat] * (2 if paired else 1), bits, _group_size(x.shape),
@@ -159,7 +159,7 @@ class _QuantNorm(torch.autograd.Function):
             inner = x_hats[-1]  # the second, independent code when paired
             mean_gx = (g * inner).mean(lay.reduce, keepdim=True)
             centred = g - g.mean(lay.reduce, keepdim=True) if lay.center else g
-            grad_x = rstd * (centred - x_hats[0] * mean_gx)
+            grad_x = (x_hats[0] * mean_gx).neg_().add_(centred).mul_(rstd)  # rstd (c - x m)
             grad_x = grad_x.reshape(grad_out.shape).to(ctx.x_dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             x_hat = x_hats[0] if len(x_hats) == 1 else (x_hats[0] + x_hats[1]) / 2
