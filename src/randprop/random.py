@@ -212,32 +212,17 @@ def weighted_indices(weights: torch.Tensor, k: int, gen: torch.Generator) -> tor
     return (u.log() / weights.double()).topk(k, sorted=False).indices
 
 
-def systematic_indices(probs: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """``k`` distinct indices, index i included with probability exactly ``probs[i]``.
-
-    ``probs`` (1-D, each in [0, 1]) must sum to the integer ``k``. Systematic sampling over a
-    random order: lay the probabilities end to end on [0, k) and take the points u + j,
-    j = 0..k-1, u ~ U[0, 1); each index owns an interval of length probs[i] <= 1, so it holds at
-    most one point, and does so with probability probs[i].
-    """
-    n = probs.numel()
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, n={n}], got {k}")
-    order = torch.randperm(n, generator=gen, device=probs.device)
-    ends = probs.double()[order].cumsum(0)
-    u = torch.rand((), generator=gen, device=probs.device, dtype=torch.float64)
-    points = u + torch.arange(k, device=probs.device, dtype=torch.float64)
-    return order[torch.searchsorted(ends, points, right=True).clamp_max(n - 1)]
-
-
 def systematic_slots(
     probs: torch.Tensor, k: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Systematic sampling in ``k`` fixed slots: (indices (k,), valid (k,) bool), index i in a
     valid slot with probability exactly ``probs[i]`` and in at most one.
 
-    As :func:`systematic_indices`, for ``probs`` (1-D, each in [0, 1]) summing to any S <= k:
-    the points u + j, j < k, below S are the valid slots (the others hold some index). The
+    ``probs`` (1-D, each in [0, 1]) sums to some S <= k. Systematic sampling over a random
+    order: lay the probabilities end to end on [0, S) and take the points u + j, j < k,
+    u ~ U[0, 1); each index owns an interval of length probs[i] <= 1, so it holds at most one
+    point, and does so with probability probs[i]. The points below S are the valid slots (the
+    others hold some index). The
     shapes never depend on the draw, so nothing is read back to the host. Zero probabilities
     are ordered first, so that a point rounded past the last end lands on a positive one.
     """

@@ -10,7 +10,6 @@ from torch import nn
 
 import randprop as rp
 from randprop.methods import crs
-from randprop.random import systematic_indices
 
 DT = torch.float64
 
@@ -97,18 +96,6 @@ def test_choose_rows_winners_and_inclusion_probabilities():
     # a score too large for sampling (p > 1) becomes a winner even with winners = 0
     idx, weights = crs.choose_rows(torch.tensor([100.0, 1, 1, 1, 1]), 2, 0, gen)
     assert idx[0] == 0 and weights[0] == 1 and weights[1] == 4
-
-
-def test_systematic_indices_inclusion_probabilities():
-    probs = torch.tensor([0.9, 0.05, 0.4, 0.65, 1.0, 0.0])  # sums to 3
-    gen = torch.Generator().manual_seed(1)
-    draws, counts = 3000, torch.zeros(6, dtype=DT)
-    for _ in range(draws):
-        idx = systematic_indices(probs, 3, gen)
-        assert idx.unique().numel() == 3
-        counts[idx] += 1
-    p = probs.double()
-    assert ((counts / draws - p).abs() <= 4.5 * (p * (1 - p) / draws).sqrt() + 1e-12).all()
 
 
 @pytest.mark.parametrize("winners", [0.0, 0.5])
