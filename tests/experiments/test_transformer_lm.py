@@ -91,3 +91,15 @@ def test_bench_data_root_reaches_the_suites(tmp_path, monkeypatch) -> None:
         args = build_parser().parse_args(["bench", "x", "--out", str(tmp_path / "out"), *extra])
         assert args.fn(args) == 0
         assert seen[-1] == expected
+
+
+def test_lr_factor_warms_up_then_decays_by_a_cosine() -> None:
+    import dataclasses
+
+    task = dataclasses.replace(_task(), steps=100, warmup=10, schedule="cosine")
+    assert tlm.lr_factor(task, 0) == pytest.approx(0.1)  # warm-up 1/10, cosine still 1
+    assert tlm.lr_factor(task, 50) == pytest.approx(0.5)
+    assert 0 < tlm.lr_factor(task, 99) < 1e-3  # decayed to about 0 at the last step
+    assert tlm.lr_factor(dataclasses.replace(task, schedule="constant"), 99) == 1.0
+    with pytest.raises(ValueError, match="schedule must be 'constant' or 'cosine'; got 'step'"):
+        tlm.lr_factor(dataclasses.replace(task, schedule="step"), 0)

@@ -51,13 +51,14 @@ RAD, QUANT = "rad:keep=0.2,bits=2", "quant:bits=2"
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One row: ``method`` converted (None: exact), checkpointing, the fused lm-head loss (language
+    """One row: ``method`` converted (None: exact; a dict: per-layer methods, as rp.convert takes
+    them), checkpointing, the fused lm-head loss (language
     models), or the exact small batch matched to the saved bytes of the setting ``matched_to``.
     ``all_seeds`` False: the first seed only (checkpointing computes the same gradients as the
     setting without it, so it is run for its memory and time)."""
 
     label: str
-    method: str | None = None
+    method: str | dict[str, str] | None = None
     checkpointing: bool = False
     matched_to: str | None = None
     all_seeds: bool = True
@@ -81,7 +82,9 @@ SETTINGS["no-rp-ckpt"] = [s for s in SETTINGS["full"] if not (s.method and s.che
 class Task:
     """One model on one dataset: ``kind`` "lm" (val loss after the steps) or "image" (test
     accuracy); ``size`` the model's dimensions; ``eval_examples`` validation examples
-    evaluated every ``eval_every`` steps (language model: windows of ``context`` characters)."""
+    evaluated every ``eval_every`` steps (language model: windows of ``context`` characters);
+    ``schedule`` the learning-rate factor after the linear warm-up: "constant", or "cosine"
+    0.5 (1 + cos(pi t / steps)), decaying to 0 at the last step."""
 
     name: str
     title: str
@@ -98,6 +101,7 @@ class Task:
     settings: str = "full"
     warmup: int = 10
     timing_rounds: int = 8
+    schedule: str = "constant"
 
 
 LM_SIZE = {"layers": 4, "hidden": 256, "heads": 4, "context": 128, "intermediate": 688}
@@ -333,9 +337,20 @@ def alternated_times(
     return {label: float(np.median(t)) for label, t in times.items()}
 
 
+def lr_factor(task: Task, step: int) -> float:
+    """The learning rate at ``step`` as a fraction of ``task.lr``: linear warm-up over
+    ``task.warmup`` steps, times the cosine decay where ``task.schedule`` is "cosine"."""
+    if task.schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine'; got {task.schedule!r}")
+    factor = min(1.0, (step + 1) / task.warmup)
+    if task.schedule == "cosine":
+        factor *= 0.5 * (1 + math.cos(math.pi * step / task.steps))
+    return factor
+
+
 def train_run(task: Task, setting: Setting, seed: int, batch: int, splits: Splits) -> dict:
-    """Train one setting for ``task.steps`` steps (AdamW, linear warm-up then constant); the
-    batches are a pure function of (seed, step). Returns the run's figures."""
+    """Train one setting for ``task.steps`` steps (AdamW, linear warm-up then ``task.schedule``);
+    the batches are a pure function of (seed, step). Returns the run's figures."""
     start = time.perf_counter()
     model = build(task, setting, seed, splits)
     x_train, y_train = splits.train.tensors
@@ -349,7 +364,7 @@ def train_run(task: Task, setting: Setting, seed: int, batch: int, splits: Split
             idx = batch_indices(len(x_train), batch, seed, step)
             x, y = x_train[idx], y_train[idx]
             for group in optimizer.param_groups:
-                group["lr"] = task.lr * min(1.0, (step + 1) / task.warmup)
+                group["lr"] = task.lr * lr_factor(task, step)
             tracked = step == min(1, task.steps - 1)  # Adam's state exists from the 2nd step
             held = [*state_tensors(model, optimizer), x, y] if tracked else []
             meter = peak_memory("cpu", held) if tracked else nullcontext()
