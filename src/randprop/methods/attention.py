@@ -153,6 +153,8 @@ class _AttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, spec: _Spec):
         work = _work_dtype(q.dtype)
+        # dense (a head split of one projection is strided: every product would copy it)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         qw, kw, vw = q.to(work), _expand_kv(k, spec.rep).to(work), _expand_kv(v, spec.rep).to(work)
         outs = []
         for index, (r0, r1) in enumerate(_chunks(q.shape[-2], spec.chunk)):
@@ -173,7 +175,7 @@ class _AttentionFn(torch.autograd.Function):
         spec: _Spec = ctx.spec
         work = _work_dtype(q.dtype)
         qw, kw, vw = q.to(work), _expand_kv(k, spec.rep).to(work), _expand_kv(v, spec.rep).to(work)
-        do = grad_out.to(work)
+        do = grad_out.to(work).contiguous()
         batch = grad_out.shape[:-2]
         chunks = _chunks(q.shape[-2], spec.chunk)
         one = len(chunks) == 1 and (not spec.causal or chunks[0][1] >= kw.shape[-2])
