@@ -392,3 +392,19 @@ def test_derivatives_bitwise_as_first_written(kind, dtype):
     else:
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(x, before)  # the input is never written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_new_gelu_is_transformers_bitwise(dtype):
+    """The in-place GPT-2 GELU (what a converted NewGELUActivation computes) equals transformers'
+    own forward bitwise, on odd sizes (vector tails) and a model-sized input."""
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.activations.NewGELUActivation()
+    for shape in [(17,), (3, 1001), (8, 128, 1024)]:
+        x = (3 * torch.randn(shape)).to(dtype)
+        assert torch.equal(act.new_gelu(x), reference(x))
+    holder = nn.Sequential(transformers.activations.NewGELUActivation())
+    rp.convert(holder, "quant:bits=2")
+    assert type(holder[0]).rp_value is act.new_gelu
+    x = torch.randn(4, 33, requires_grad=True)
+    assert torch.equal(holder(x), reference(x))

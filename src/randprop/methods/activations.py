@@ -287,6 +287,9 @@ class SmoothActivation(QuantizedActivation):
     ``rp_kind`` (a key of :data:`DERIVATIVES`) or overrides :meth:`rp_derivative`."""
 
     rp_kind: ClassVar[str] = ""
+    #: the layer's function computed bitwise as the original forward but faster, or None (the
+    #: original forward itself)
+    rp_value: ClassVar[Callable[[torch.Tensor], torch.Tensor] | None] = None
 
     def rp_activation_kind(self) -> str:
         """The key of :data:`DERIVATIVES` of this layer's function."""
@@ -296,7 +299,7 @@ class SmoothActivation(QuantizedActivation):
         return DERIVATIVES[self.rp_activation_kind()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = super().forward  # the original class's forward: the exact values
+        plain = type(self).rp_value or super().forward  # the exact values
         if not self.rp_active(x) or not x.is_floating_point():
             return plain(x)
         inplace = bool(getattr(self, "inplace", False))
@@ -356,6 +359,22 @@ class QuantTanhGELU(SmoothActivation):
     rp_kind = "gelu_tanh"
 
 
+def new_gelu(x: torch.Tensor) -> torch.Tensor:
+    """transformers' NewGELUActivation, ``0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi)
+    * (x + 0.044715 * torch.pow(x, 3.0))))``, op for op as written there (each product and sum
+    the same rounding: bitwise its output, tested) but in place: two buffers instead of eight,
+    about 3x faster on large inputs."""
+    inner = torch.pow(x, 3.0).mul_(0.044715).add_(x).mul_(math.sqrt(2.0 / math.pi))
+    return torch.mul(x, 0.5).mul_(inner.tanh_().add_(1.0))
+
+
+class QuantNewGELU(QuantTanhGELU):
+    """GELU, tanh form, of transformers' NewGELUActivation (GPT-2), computed by
+    :func:`new_gelu`."""
+
+    rp_value = staticmethod(new_gelu)
+
+
 class QuantFastGELU(SmoothActivation):
     """GELU, tanh form with c = 0.7978845608 (FastGELUActivation)."""
 
@@ -378,7 +397,7 @@ _TRANSFORMERS = "transformers.activations"
 #: transformers.activations class name -> the mixin converting it
 TRANSFORMERS_ACTIVATIONS: dict[str, type[SmoothActivation]] = {
     "GELUActivation": QuantErfGELU,
-    "NewGELUActivation": QuantTanhGELU,
+    "NewGELUActivation": QuantNewGELU,
     "GELUTanh": QuantTanhGELU,
     "AccurateGELUActivation": QuantTanhGELU,
     "FastGELUActivation": QuantFastGELU,
