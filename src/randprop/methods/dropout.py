@@ -30,7 +30,6 @@ CPU kernel does, so the masks have nn.Dropout's distribution (the masks themselv
 from __future__ import annotations
 
 import math
-
 from typing import Any, ClassVar
 
 import torch
