@@ -343,7 +343,14 @@ def test_transformers_activations_without_a_form_are_reported():
 
 
 # The stored derivative codes depend on f'(x) to the last bit (published figures): each derivative
-# must equal, bitwise, its expression as first written (the in-place forms only save passes).
+# must equal, bitwise, its expression as first written (the in-place forms only save passes),
+# except those now taken from PyTorch's own backward kernels (one pass instead of about ten):
+# bitwise autograd's derivative of the fused op, and within float rounding of the expression.
+_KERNEL_DERIVATIVES = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
 _FROZEN_DERIVATIVES = {
     "gelu": lambda x: (
         0.5 * (1.0 + torch.erf(x * math.sqrt(0.5)))
@@ -376,5 +383,28 @@ def test_derivatives_bitwise_as_first_written(kind, dtype):
     work = x if dtype == torch.float64 else x.float()
     got, want = act.DERIVATIVES[kind](x), _FROZEN_DERIVATIVES[kind](work)
     assert got.dtype == want.dtype
-    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    if kind in _KERNEL_DERIVATIVES:
+        leaf = work.clone().requires_grad_()
+        (autograd,) = torch.autograd.grad(_KERNEL_DERIVATIVES[kind](leaf).sum(), leaf)
+        assert torch.equal(got.view(torch.uint8), autograd.view(torch.uint8))
+        torch.testing.assert_close(got, want, rtol=1e-5 if dtype != torch.float64 else 1e-12,
+                                   atol=2e-6 if dtype != torch.float64 else 1e-12)  # fmt: skip
+    else:
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(x, before)  # the input is never written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_new_gelu_is_transformers_bitwise(dtype):
+    """The in-place GPT-2 GELU (what a converted NewGELUActivation computes) equals transformers'
+    own forward bitwise, on odd sizes (vector tails) and a model-sized input."""
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.activations.NewGELUActivation()
+    for shape in [(17,), (3, 1001), (8, 128, 1024)]:
+        x = (3 * torch.randn(shape)).to(dtype)
+        assert torch.equal(act.new_gelu(x), reference(x))
+    holder = nn.Sequential(transformers.activations.NewGELUActivation())
+    rp.convert(holder, "quant:bits=2")
+    assert type(holder[0]).rp_value is act.new_gelu
+    x = torch.randn(4, 33, requires_grad=True)
+    assert torch.equal(holder(x), reference(x))

@@ -46,11 +46,12 @@ def test_mean_is_the_input_as_for_nn_dropout():
     assert ((draws.mean(0) - x).abs() < 5 * se).all()
 
 
+@pytest.mark.parametrize("store_mask", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_backward_is_grad_times_the_forward_mask_exactly(dtype):
+def test_backward_is_grad_times_the_forward_mask_exactly(dtype, store_mask):
     p = 0.4
     x = torch.randn(8, 33, dtype=dtype).requires_grad_()
-    y = rp.functional.dropout(x, p)
+    y = rp.functional.dropout(x, p, store_mask=store_mask)
     upstream = torch.randn_like(y)
     y.backward(upstream)
     noise = (y != 0).to(dtype) * _scale(p, dtype)  # the mask forward used, read off its output
@@ -117,16 +118,47 @@ def test_inplace_changes_and_returns_the_input():
         assert rp.functional.dropout(y, 0.5, inplace=True) is y and set(y.tolist()) <= {0, 2}
 
 
-def test_saves_nothing_where_nn_dropout_saves_an_input_sized_mask():
+def test_saves_a_1_bit_mask_or_nothing_where_nn_dropout_saves_an_input_sized_mask():
     x = torch.randn(64, 100, requires_grad=True)
     with rp.track_saved() as plain:
         nn.Dropout(0.5)(x * 1.0)
-    with rp.track_saved() as ours:
+    with rp.track_saved() as packed:
         out = SeededDropout(0.5)(x * 1.0)
+    with rp.track_saved() as seed_only:
+        out2 = SeededDropout(0.5, store_mask=False)(x * 1.0)
     assert plain.bytes >= 64 * 100  # positive control: PyTorch's mask is measured
-    assert ours.total == 0
-    out.sum().backward()
+    assert packed.total == 64 * 100 // 8  # 1 bit per element
+    assert seed_only.total == 0
+    (out.sum() + out2.sum()).backward()
     assert x.grad is not None
+
+
+def test_mask_and_seed_storage_give_the_same_values_and_gradients():
+    """For one seed both storages compute the same output and bitwise the same gradient (the
+    same noise values); the option round-trips through from_module, repr and restore."""
+    x = torch.randn(3, 50, 17, dtype=torch.float64)
+    upstream = torch.randn_like(x)
+    outs, grads = [], []
+    for store_mask in (True, False):
+        leaf = x.clone().requires_grad_()
+        out = rp.functional.dropout(leaf, 0.3, seed=5, store_mask=store_mask)
+        out.backward(upstream)
+        outs.append(out.detach())
+        grads.append(leaf.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert torch.equal(grads[0], upstream * dropout_noise(5, 0.3, x.shape, x))
+    layer = SeededDropout2d.from_module(nn.Dropout2d(0.3), store_mask=False)
+    assert not layer.rp_store_mask and layer.rp_storage == "exact, seed only"
+    assert "store_mask=False" in repr(layer)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1))
+    rp.convert(model, "rad:keep=0.5")
+    assert model[1].rp_store_mask and model[1].rp_storage == "exact, 1-bit mask"
+    rp.restore(model)
+    assert not hasattr(model[1], "rp_store_mask")
+    with pytest.raises(TypeError, match="store_mask must be True or False; got 1"):
+        rp.functional.dropout(x, 0.3, store_mask=1)
+    with pytest.raises(TypeError, match="store_mask must be True or False"):
+        SeededDropout(0.3, store_mask="yes")
 
 
 @pytest.mark.parametrize(
@@ -139,13 +171,16 @@ def test_saves_nothing_where_nn_dropout_saves_an_input_sized_mask():
         (SeededDropout3d, nn.Dropout3d, (6, 2, 3, 3), (6, 1, 1, 1)),
     ],
 )
-def test_channel_dropout_drops_whole_channels_and_saves_nothing(cls, plain, shape, channels):
+@pytest.mark.parametrize("store_mask", [True, False])
+def test_channel_dropout_drops_whole_channels_and_saves_a_bit_each(
+    cls, plain, shape, channels, store_mask
+):
     p = 0.5
     x = torch.randn(shape).requires_grad_()
-    layer = cls(p)
+    layer = cls(p, store_mask=store_mask)
     with rp.track_saved() as saved:
         y = layer(x)
-    assert saved.total == 0
+    assert saved.total == (-(-math.prod(channels) // 8) if store_mask else 0)
     noise = (y != 0).to(x.dtype) * _scale(p, x.dtype)
     per_channel = noise.amax(dim=[i for i, c in enumerate(channels) if c == 1], keepdim=True)
     assert per_channel.shape == channels
@@ -171,7 +206,7 @@ def test_convert_swaps_dropout_and_restore_gives_it_back():
     )  # fmt: skip
     report = rp.convert(model, "rad:keep=0.5")
     assert report.converted == ["0", "1", "2", "3", "4", "5"]
-    assert report.methods["1"] == "exact, seed only" and "Dropout" in str(report)
+    assert report.methods["1"] == "exact, 1-bit mask" and "Dropout" in str(report)
     assert [type(m) for m in model][1::2] == [SeededDropout, SeededDropout1d, SeededDropout3d]
     assert model[1].p == 0.2
     rp.restore(model)
@@ -185,16 +220,17 @@ def _block() -> nn.Module:
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-@pytest.mark.parametrize("method", [None, "rad:keep=0.5"])
+@pytest.mark.parametrize("method", [None, "seed only", "rad:keep=0.5"])
 def test_activation_checkpointing_recomputes_the_same_mask(use_reentrant, method):
     """A checkpointed block (restored CPU generator state, as torch.utils.checkpoint does by
     default) gives the gradients of the plain forward for the same global seed; without the
     state restored (positive control) the recomputed masks differ and so do the gradients."""
     torch.manual_seed(0)
     plain = nn.Sequential(_block(), _block())
-    if method is None:
+    if method in (None, "seed only"):
         for block in plain:
             block[2].__class__ = SeededDropout
+            block[2].rp_store_mask = method is None
     else:
         rp.convert(plain, method, seed=3)
     ckpt, control = copy.deepcopy(plain), copy.deepcopy(plain)

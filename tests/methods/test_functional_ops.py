@@ -118,8 +118,8 @@ def test_saved_bytes_are_the_compact_forms():
         block(x)
     linear_in = rows * N * 4  # the Linear's input (x), kept by both
     k_bit = rows * N // 2 + rows * 8  # 4-bit codes + scale and minimum per row
-    # relu: 1-bit mask; layer_norm: codes + rstd per row; gelu, tanh, silu: codes; dropout: none
-    expected = linear_in + rows * N // 8 + (k_bit + rows * 4) + 3 * k_bit
+    # relu and dropout: 1-bit masks; layer_norm: codes + rstd per row; gelu, tanh, silu: codes
+    expected = linear_in + 2 * rows * N // 8 + (k_bit + rows * 4) + 3 * k_bit
     assert ours.bytes == expected
     assert ref.bytes / ours.bytes > 2.5
 

@@ -358,3 +358,23 @@ def test_state_dict_keys_and_pickling_are_the_plain_layers():
         assert set(model[0].state_dict()) == set(plain.state_dict())
         clone = copy.deepcopy(model)
         assert type(clone[0]) is type(model[0])
+
+
+def test_layer_norm_backward_is_the_formulas_on_the_stored_codes():
+    """LayerNorm's fused backward (PyTorch's kernel fed the codes) equals the module docstring's
+    formulas evaluated on Q(x_hat) (round to nearest, so Q is known; float64): dX = rstd (g -
+    M[g] - Q M[g Q]), dW = sum dY Q, dB = sum dY; a wrong rstd factor (control) is caught."""
+    from randprop.quantize import quantize
+
+    x, w, b = _inputs((3, 5, 64), (64,), torch.float64)
+    up = torch.randn(3, 5, 64, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    rpf.layer_norm(leaves[0], 64, leaves[1], leaves[2], bits=2, stochastic=False).backward(up)
+    _, mean, rstd = torch.native_layer_norm(x, [64], w, b, 1e-5)
+    q = quantize((x - mean) * rstd, 2, 64, generator=None, stochastic=False).dequantize()
+    g = up * w
+    dx = rstd * (g - g.mean(-1, keepdim=True) - q * (g * q).mean(-1, keepdim=True))
+    torch.testing.assert_close(leaves[0].grad, dx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(leaves[1].grad, (up * q).sum((0, 1)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(leaves[2].grad, up.sum((0, 1)), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(leaves[0].grad, dx / rstd, rtol=1e-6, atol=1e-6)

@@ -54,17 +54,26 @@ def _work(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _ones(x: torch.Tensor) -> torch.Tensor:
+    """A 1 broadcast to ``x``'s shape (no memory): the upstream gradient that turns PyTorch's
+    backward kernels into the derivative itself."""
+    return x.new_ones(()).expand_as(x)
+
+
 def gelu_grad(x: torch.Tensor) -> torch.Tensor:
-    """d/dx x Phi(x) = Phi(x) + x phi(x) (GELU, erf form)."""
+    """d/dx x Phi(x) = Phi(x) + x phi(x) (GELU, erf form), by PyTorch's own GELU backward
+    kernel (one pass; bitwise autograd's derivative of F.gelu)."""
     x = _work(x)
-    cdf = torch.mul(x, math.sqrt(0.5)).erf_().add_(1.0).mul_(0.5)
-    return cdf.add_(torch.mul(x, -0.5).mul_(x).exp_().mul_(x).mul_(_INV_SQRT_2PI))
+    return torch.ops.aten.gelu_backward(_ones(x), x, approximate="none")
 
 
 def gelu_tanh_grad(x: torch.Tensor, c: float = _SQRT_2_OVER_PI) -> torch.Tensor:
     """d/dx x (1 + tanh(c (x + 0.044715 x^3))) / 2
-    = (1 + t) / 2 + x (1 - t^2) c (1 + 3 0.044715 x^2) / 2, t the tanh."""
+    = (1 + t) / 2 + x (1 - t^2) c (1 + 3 0.044715 x^2) / 2, t the tanh; for c = sqrt(2 / pi)
+    by PyTorch's own GELU (tanh form) backward kernel (one pass instead of about ten)."""
     x = _work(x)
+    if c == _SQRT_2_OVER_PI:
+        return torch.ops.aten.gelu_backward(_ones(x), x, approximate="tanh")
     t = torch.mul(x, 0.044715).mul_(x).mul_(x).add_(x).mul_(c).tanh_()
     out = torch.add(t, 1.0).mul_(0.5)
     rest = torch.mul(x, 0.5).mul_(t.mul_(t).neg_().add_(1.0)).mul_(c)
@@ -72,10 +81,10 @@ def gelu_tanh_grad(x: torch.Tensor, c: float = _SQRT_2_OVER_PI) -> torch.Tensor:
 
 
 def silu_grad(x: torch.Tensor) -> torch.Tensor:
-    """d/dx x s(x) = s (1 + x (1 - s)), s = sigmoid(x)."""
+    """d/dx x s(x) = s (1 + x (1 - s)), s = sigmoid(x), by PyTorch's own SiLU backward
+    kernel."""
     x = _work(x)
-    s = torch.sigmoid(x)
-    return torch.neg(s).add_(1.0).mul_(x).add_(1.0).mul_(s)
+    return torch.ops.aten.silu_backward(_ones(x), x)
 
 
 def quick_gelu_grad(x: torch.Tensor) -> torch.Tensor:
@@ -278,6 +287,9 @@ class SmoothActivation(QuantizedActivation):
     ``rp_kind`` (a key of :data:`DERIVATIVES`) or overrides :meth:`rp_derivative`."""
 
     rp_kind: ClassVar[str] = ""
+    #: the layer's function computed bitwise as the original forward but faster, or None (the
+    #: original forward itself)
+    rp_value: ClassVar[Callable[[torch.Tensor], torch.Tensor] | None] = None
 
     def rp_activation_kind(self) -> str:
         """The key of :data:`DERIVATIVES` of this layer's function."""
@@ -287,7 +299,7 @@ class SmoothActivation(QuantizedActivation):
         return DERIVATIVES[self.rp_activation_kind()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = super().forward  # the original class's forward: the exact values
+        plain = type(self).rp_value or super().forward  # the exact values
         if not self.rp_active(x) or not x.is_floating_point():
             return plain(x)
         inplace = bool(getattr(self, "inplace", False))
@@ -347,6 +359,22 @@ class QuantTanhGELU(SmoothActivation):
     rp_kind = "gelu_tanh"
 
 
+def new_gelu(x: torch.Tensor) -> torch.Tensor:
+    """transformers' NewGELUActivation, ``0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi)
+    * (x + 0.044715 * torch.pow(x, 3.0))))``, op for op as written there (each product and sum
+    the same rounding: bitwise its output, tested) but in place: two buffers instead of eight,
+    about 3x faster on large inputs."""
+    inner = torch.pow(x, 3.0).mul_(0.044715).add_(x).mul_(math.sqrt(2.0 / math.pi))
+    return torch.mul(x, 0.5).mul_(inner.tanh_().add_(1.0))
+
+
+class QuantNewGELU(QuantTanhGELU):
+    """GELU, tanh form, of transformers' NewGELUActivation (GPT-2), computed by
+    :func:`new_gelu`."""
+
+    rp_value = staticmethod(new_gelu)
+
+
 class QuantFastGELU(SmoothActivation):
     """GELU, tanh form with c = 0.7978845608 (FastGELUActivation)."""
 
@@ -369,7 +397,7 @@ _TRANSFORMERS = "transformers.activations"
 #: transformers.activations class name -> the mixin converting it
 TRANSFORMERS_ACTIVATIONS: dict[str, type[SmoothActivation]] = {
     "GELUActivation": QuantErfGELU,
-    "NewGELUActivation": QuantTanhGELU,
+    "NewGELUActivation": QuantNewGELU,
     "GELUTanh": QuantTanhGELU,
     "AccurateGELUActivation": QuantTanhGELU,
     "FastGELUActivation": QuantFastGELU,

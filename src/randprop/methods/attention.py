@@ -3,14 +3,15 @@
 For queries Q (..., L, E), keys K (..., S, E) and values V (..., S, Ev), scores
 S = scale * Q K^T + M (M the additive mask; a boolean mask adds -inf where False), row-wise
 probabilities P = softmax(S), dropped P_d = P * Z / (1 - p) with Z ~ Bernoulli(1 - p), and
-O = P_d V. Forward keeps Q, K, V and the per-row logsumexp l (O(L) per head); backward
-recomputes P = exp(S - l) a chunk of query rows at a time and regenerates Z from the seed, so
-no L x S tensor is saved and the temporaries are chunk x S:
+O = P_d V. Forward keeps Q, K and V only; backward recomputes P (the same fused softmax on the
+same scores: the very P of forward) a chunk of query rows at a time and regenerates Z from the
+seed, so no L x S tensor is saved and the temporaries are chunk x S:
     dV = P_d^T dO,   dP = (dO V^T) * Z / (1 - p),   D = rowsum(P * dP),
     dS = P * (dP - D),   dQ = scale * dS K,   dK = scale * dS^T Q.
 A chunk holds whole rows, so D comes from the chunk itself and O is not kept (a kernel tiled
 over keys as well, like flash attention, needs O for D = rowsum(dO * O)). A row with every key
-masked gives a zero output, as PyTorch's scaled_dot_product_attention does.
+masked gives a zero output, as PyTorch's scaled_dot_product_attention does. The 1 / (1 - p)
+is applied to the chunk x Ev products rather than to the chunk x S ones (fewer passes).
 
 With ``fused`` and without dropout, where PyTorch's own fused kernel saves no L x S tensor
 (Q, K, V, O and l: the CPU flash kernel for 4-D inputs with no mask or a float mask; the CUDA
@@ -68,53 +69,72 @@ def _chunk_scores(
     """scale * Q[r0:r1] K^T + M[r0:r1] in the work dtype, and the number of key columns used
     (under is_causal only columns < r1 can be attended, so later ones are not computed)."""
     n_cols = min(k.shape[-2], r1) if spec.causal else k.shape[-2]
-    s = (q[..., r0:r1, :] @ k[..., :n_cols, :].transpose(-2, -1)) * spec.scale
+    s = (q[..., r0:r1, :] @ k[..., :n_cols, :].transpose(-2, -1)).mul_(spec.scale)
     if spec.causal:
         rows = torch.arange(r0, r1, device=s.device).unsqueeze(-1)
         cols = torch.arange(n_cols, device=s.device)
-        s = s.masked_fill(cols > rows, -math.inf)
+        future = torch.zeros((r1 - r0, n_cols), dtype=s.dtype, device=s.device)
+        s = s.add_(future.masked_fill_(cols > rows, -math.inf))  # faster than a masked fill
     elif mask is not None:
         m = mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., r0:r1, :]
-        s = s.masked_fill(~m, -math.inf) if m.dtype == torch.bool else s + m.to(s.dtype)
+        if m.dtype == torch.bool:
+            s = s.masked_fill(m.logical_not(), -math.inf)  # s broadcast to the mask's batch
+        else:
+            s = s + m.to(s.dtype)
     return s, n_cols
 
 
-def _keep(spec: _Spec, index: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """The dropout keep-mask of chunk ``index``: from its own generator seeded by
-    (seed, chunk index), so backward regenerates it exactly (a compiled call's tensor seed:
-    drawn inside the custom op ``randprop::attention_keep``, the same mask as eager)."""
+def _chunk_probs(
+    spec: _Spec, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, r0: int, r1: int
+) -> tuple[torch.Tensor, int]:
+    """P = softmax(S) of query rows r0:r1 (PyTorch's fused softmax; a row with every key
+    masked is 0, as in scaled_dot_product_attention) and the number of key columns used.
+    Deterministic, so backward recomputes the very P of forward."""
+    s, n_cols = _chunk_scores(spec, q, k, mask, r0, r1)
+    p = torch.softmax(s, dim=-1)
+    if mask is not None:  # only a mask can leave a row with no key: softmax gives NaN there
+        p = p.masked_fill_(s.amax(-1, keepdim=True) == -math.inf, 0.0)
+    return p, n_cols
+
+
+def _keep(spec: _Spec, index: int, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """The dropout keep-mask of chunk ``index`` as 1.0 / 0.0 in ``like``'s dtype: from its own
+    generator seeded by (seed, chunk index), so backward regenerates it exactly (a compiled
+    call's tensor seed: drawn inside the custom op ``randprop::attention_keep``, the same mask
+    as eager)."""
     if isinstance(spec.seed, torch.Tensor):
-        like = torch.empty((), device=device)
+        empty = like.new_empty(())
         return torch.ops.randprop.attention_keep(
-            like, list(shape), spec.dropout_p, spec.seed, index
+            empty, list(shape), spec.dropout_p, spec.seed, index
         )
-    return _keep_mask(spec.seed, index, tuple(shape), spec.dropout_p, device)
+    return _keep_mask(spec.seed, index, tuple(shape), spec.dropout_p, like)
 
 
 def _keep_mask(
-    seed: int, index: int, shape: tuple[int, ...], p: float, device: torch.device
+    seed: int, index: int, shape: tuple[int, ...], p: float, like: torch.Tensor
 ) -> torch.Tensor:
-    gen = rnd.generator(rnd.derive_seed(seed, layer=index), device)
-    return rnd.bernoulli_mask(shape, 1.0 - p, gen, device)
+    """``rnd.bernoulli_mask(shape, 1 - p, generator)`` (uniform draws below 1 - p), compared
+    in place: 1.0 / 0.0 in ``like``'s dtype."""
+    gen = rnd.generator(rnd.derive_seed(seed, layer=index), like.device)
+    keep = torch.rand(shape, generator=gen, device=like.device).lt_(1.0 - p)
+    return keep.to(like.dtype)
 
 
 @torch.library.custom_op("randprop::attention_keep", mutates_args=())
 def _keep_op(
     like: torch.Tensor, shape: list[int], p: float, seed: torch.Tensor, index: int
 ) -> torch.Tensor:
-    return _keep_mask(int(seed), index, tuple(shape), p, like.device)
+    return _keep_mask(int(seed), index, tuple(shape), p, like)
 
 
 @_keep_op.register_fake
 def _(like, shape, p, seed, index) -> torch.Tensor:
-    return like.new_empty(shape, dtype=torch.bool)
+    return like.new_empty(shape)
 
 
-def _dropped(spec: _Spec, p: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    if keep is None:
-        return p
-    scale = 0.0 if spec.dropout_p >= 1.0 else 1.0 / (1.0 - spec.dropout_p)
-    return p * keep * scale
+def _drop_scale(spec: _Spec) -> float:
+    """1 / (1 - p), the rescaling of the kept probabilities (0 when p = 1: nothing kept)."""
+    return 0.0 if spec.dropout_p >= 1.0 else 1.0 / (1.0 - spec.dropout_p)
 
 
 def _expand_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
@@ -125,61 +145,77 @@ def _reduce_kv(g: torch.Tensor, rep: int) -> torch.Tensor:
     return g if rep == 1 else g.unflatten(-3, (g.shape[-3] // rep, rep)).sum(-3)
 
 
+def _chunks(length: int, chunk: int) -> list[tuple[int, int]]:
+    return [(r0, min(r0 + chunk, length)) for r0 in range(0, length, chunk)]
+
+
 class _AttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, spec: _Spec):
         work = _work_dtype(q.dtype)
+        # dense (a head split of one projection is strided: every product would copy it)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         qw, kw, vw = q.to(work), _expand_kv(k, spec.rep).to(work), _expand_kv(v, spec.rep).to(work)
-        length = q.shape[-2]
-        batch = torch.broadcast_shapes(q.shape[:-2], kw.shape[:-2], vw.shape[:-2])
-        out = q.new_empty((*batch, length, v.shape[-1]), dtype=work)
-        lse = q.new_empty((*batch, length), dtype=work)
-        for index, r0 in enumerate(range(0, length, spec.chunk)):
-            r1 = min(r0 + spec.chunk, length)
-            s, n_cols = _chunk_scores(spec, qw, kw, mask, r0, r1)
-            row_lse = torch.logsumexp(s, dim=-1)
-            lse[..., r0:r1] = row_lse
-            p = torch.exp(s - _finite(row_lse).unsqueeze(-1))
-            keep = _keep(spec, index, p.shape, p.device) if spec.dropout_p > 0 else None
-            out[..., r0:r1, :] = _dropped(spec, p, keep) @ vw[..., :n_cols, :]
-        ctx.save_for_backward(_own(q), _own(k), _own(v), lse, mask)
+        outs = []
+        for index, (r0, r1) in enumerate(_chunks(q.shape[-2], spec.chunk)):
+            p, n_cols = _chunk_probs(spec, qw, kw, mask, r0, r1)
+            if spec.dropout_p > 0:  # (P Z) V / (1 - p): the rescaling on the smaller output
+                p = p.mul_(_keep(spec, index, p.shape, p))
+                outs.append((p @ vw[..., :n_cols, :]).mul_(_drop_scale(spec)))
+            else:
+                outs.append(p @ vw[..., :n_cols, :])
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+        ctx.save_for_backward(_own(q), _own(k), _own(v), mask)
         ctx.spec = spec
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, lse, mask = ctx.saved_tensors
+        q, k, v, mask = ctx.saved_tensors
         spec: _Spec = ctx.spec
-        work = lse.dtype
+        work = _work_dtype(q.dtype)
         qw, kw, vw = q.to(work), _expand_kv(k, spec.rep).to(work), _expand_kv(v, spec.rep).to(work)
-        do = grad_out.to(work)
-        batch = lse.shape[:-1]
-        dq = torch.zeros((*batch, *q.shape[-2:]), dtype=work, device=q.device)
-        dk = torch.zeros((*batch, *kw.shape[-2:]), dtype=work, device=q.device)
-        dv = torch.zeros((*batch, *vw.shape[-2:]), dtype=work, device=q.device)
+        do = grad_out.to(work).contiguous()
+        batch = grad_out.shape[:-2]
+        chunks = _chunks(q.shape[-2], spec.chunk)
+        one = len(chunks) == 1 and (not spec.causal or chunks[0][1] >= kw.shape[-2])
+        if not one:
+            dk = torch.zeros((*batch, *kw.shape[-2:]), dtype=work, device=q.device)
+            dv = torch.zeros((*batch, *vw.shape[-2:]), dtype=work, device=q.device)
         mask_grad = ctx.needs_input_grad[3]
         if mask_grad:
-            padded = (1,) * (lse.dim() + 1 - mask.dim()) + tuple(mask.shape)
+            padded = (1,) * (len(batch) + 2 - mask.dim()) + tuple(mask.shape)
             dm = torch.zeros(padded, dtype=work, device=q.device)
-        length = q.shape[-2]
-        for index, r0 in enumerate(range(0, length, spec.chunk)):
-            r1 = min(r0 + spec.chunk, length)
-            s, n_cols = _chunk_scores(spec, qw, kw, mask, r0, r1)
-            p = torch.exp(s - _finite(lse[..., r0:r1]).unsqueeze(-1))
-            del s
-            keep = _keep(spec, index, p.shape, p.device) if spec.dropout_p > 0 else None
+        drop = _drop_scale(spec) if spec.dropout_p > 0 else 1.0
+        dqs = []
+        for index, (r0, r1) in enumerate(chunks):
+            # with Z the 0/1 keep-mask and c = 1 / (1 - p): dV = c (P Z)^T dO,
+            # dP = c (dO V^T) Z =: c G, dS = P (dP - rowsum(P dP)) = c P (G - rowsum(P G))
+            p, n_cols = _chunk_probs(spec, qw, kw, mask, r0, r1)
             do_c = do[..., r0:r1, :]
-            dv[..., :n_cols, :] += _dropped(spec, p, keep).transpose(-2, -1) @ do_c
-            dp = _dropped(spec, do_c @ vw[..., :n_cols, :].transpose(-2, -1), keep)
-            ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-            del p, dp
+            g = do_c @ vw[..., :n_cols, :].transpose(-2, -1)
+            if spec.dropout_p > 0:
+                keep = _keep(spec, index, p.shape, p)
+                dv_c = ((p * keep).transpose(-2, -1) @ do_c).mul_(drop)
+                g = g.mul_(keep)
+                del keep
+            else:
+                dv_c = p.transpose(-2, -1) @ do_c
+            ds = g.sub_((p * g).sum(-1, keepdim=True)).mul_(p)  # dS / c
+            del p, g
             if mask_grad:
                 if padded[-2] == 1:
-                    dm += ds.sum_to_size(padded)
+                    dm += ds.sum_to_size(padded) * drop
                 else:
-                    dm[..., r0:r1, :] += ds.sum_to_size((*padded[:-2], r1 - r0, padded[-1]))
-            dq[..., r0:r1, :] = (ds @ kw[..., :n_cols, :]) * spec.scale
-            dk[..., :n_cols, :] += (ds.transpose(-2, -1) @ qw[..., r0:r1, :]) * spec.scale
+                    dm[..., r0:r1, :] += ds.sum_to_size((*padded[:-2], r1 - r0, padded[-1])) * drop
+            dqs.append((ds @ kw[..., :n_cols, :]).mul_(spec.scale * drop))
+            dk_c = (ds.transpose(-2, -1) @ qw[..., r0:r1, :]).mul_(spec.scale * drop)
+            if one:
+                dk, dv = dk_c, dv_c
+            else:
+                dk[..., :n_cols, :] += dk_c
+                dv[..., :n_cols, :] += dv_c
+        dq = dqs[0] if len(dqs) == 1 else torch.cat(dqs, dim=-2)
         dq = dq.sum_to_size(q.shape).to(q.dtype)
         dk = _reduce_kv(dk.sum_to_size(kw.shape), spec.rep).to(k.dtype)
         dv = _reduce_kv(dv.sum_to_size(vw.shape), spec.rep).to(v.dtype)
@@ -229,12 +265,6 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     # dense, with its dims in the same memory order (the fused kernel's output follows it)
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
     return t.permute(order).contiguous().permute([order.index(d) for d in range(t.dim())])
-
-
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """The logsumexp with -inf (a row with every key masked) replaced by +inf, so that
-    exp(S - l) is 0 on that row instead of NaN."""
-    return lse.masked_fill(lse == -math.inf, math.inf)
 
 
 def _fused_is_compact(
@@ -287,7 +317,7 @@ def attention(
     :func:`_fused_is_compact`), saving Q, K, V and re-running its forward in backward for the
     output O and logsumexp, or with ``keep_output`` saving O and the logsumexp as PyTorch does
     (no re-run: faster, one O more saved); ``fused=False`` always runs the chunked pure-PyTorch
-    Function (saves Q, K, V and the logsumexp).
+    Function (saves Q, K and V).
     """
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")

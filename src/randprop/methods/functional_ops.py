@@ -6,7 +6,7 @@ Hand-written models call ``F.relu``, ``F.gelu``, ``F.silu``, ``torch.tanh``, ``F
 ``torch.overrides.TorchFunctionMode`` around its forward; while it is active the calls in
 :data:`INTERCEPTED` run as the compact forms of methods.masks (exact 1-bit masks),
 methods.activations (k-bit f'(x)), methods.norms (k-bit normalised input) and methods.dropout
-(seed only), with the same values. A call is redirected only when autograd records it (grad
+(1-bit mask), with the same values. A call is redirected only when autograd records it (grad
 enabled and an input requires grad); otherwise it is the plain op.
 
 Not redirected: calls inside the forward of a module that convert swaps or decides about (a
@@ -173,7 +173,7 @@ if hasattr(F, "rms_norm"):
 INTERCEPTED_NAMES = (
     "F.relu, torch.relu, F.leaky_relu (1-bit masks); F.gelu, F.silu, torch.tanh, torch.sigmoid "
     "and their Tensor methods (k-bit f'(x)); F.layer_norm, F.group_norm, F.rms_norm (k-bit "
-    "normalised input); F.dropout (seed only)"
+    "normalised input); F.dropout (1-bit mask)"
 )
 
 
