@@ -28,7 +28,7 @@ def reference_compress(x: torch.Tensor, cfg: rp.RAD, seed: int) -> torch.Tensor:
             idx = rnd.sample_indices(g * n, rnd.kept_count(g * n, cfg.keep), gen, x.device)
             return x.reshape(b, g * n)[:, idx]
         return x.gather(2, rad.row_windows(x.shape, rnd.kept_count(n, cfg.keep), gen, x.device))
-    r = rnd.projection(n, rnd.kept_count(n, cfg.keep), gen, x.device, x.dtype)
+    r = rad.projection(n, rnd.kept_count(n, cfg.keep), gen, rad.sign_table(x.dtype, x.device))
     if not cfg.same_sample:
         x = x * rad.row_signs(x.shape, gen, rad.sign_table(x.dtype, x.device))
     return x @ r
@@ -48,7 +48,7 @@ def reference_decompress(stored, shape, cfg: rp.RAD, seed: int) -> torch.Tensor:
             k = rnd.kept_count(n, cfg.keep)
             x_hat.scatter_(2, rad.row_windows(shape, k, gen, device), stored * (n / k))
         return x_hat
-    r = rnd.projection(n, rnd.kept_count(n, cfg.keep), gen, device, dtype)
+    r = rad.projection(n, rnd.kept_count(n, cfg.keep), gen, rad.sign_table(dtype, device))
     signs = None if cfg.same_sample else rad.row_signs(shape, gen, rad.sign_table(dtype, device))
     x_hat = stored @ r.T
     return x_hat if signs is None else x_hat * signs
