@@ -66,19 +66,20 @@ from randprop.methods.rad.config import RAD
 #: than the transient costs memory
 MIN_CHUNK_ELEMENTS = 2**14
 
-#: a chunk of more rows than this (and fewer than B) is cut to a multiple of it: the weight
-#: gradient's matrix products over a chunk's rows run markedly slower at odd counts (measured on
-#: Linear 768 -> 3072, 1024 rows: chunks of 205 rows about 20% slower than chunks of 192)
-ROW_ALIGN = 32
+#: a chunk of at least 8 ROW_ALIGN rows (and fewer than B) is cut to a multiple of ROW_ALIGN,
+#: losing under 1/8 of its rows: the weight gradient's matrix products over a chunk's rows run
+#: slower at some odd counts (measured on Linear 768 -> 3072, 1024 rows: chunks of 205 rows
+#: about 10-20% slower than chunks of 192)
+ROW_ALIGN = 16
 
 
 def rows_per_chunk(b: int, k: int, n: int, g: int = 1) -> int:
     """Rows of the B dimension per chunk: the most c with c*n <= B*k or c*G*n <=
     MIN_CHUNK_ELEMENTS (at least 1), so that a chunk of X_hat (c, G, n) holds no more elements
-    than the stored values (B, G, k), or than a small fixed floor; below B, a c of at least
-    ROW_ALIGN is cut to a multiple of ROW_ALIGN."""
+    than the stored values (B, G, k), or than a small fixed floor; cut to a multiple of
+    ROW_ALIGN when c >= 8 ROW_ALIGN and c < B."""
     rows = max(1, (b * k) // n, MIN_CHUNK_ELEMENTS // (g * n))
-    return rows - rows % ROW_ALIGN if ROW_ALIGN <= rows < b else rows
+    return rows - rows % ROW_ALIGN if 8 * ROW_ALIGN <= rows < b else rows
 
 
 def _chunks(rows: int, size: int) -> list[slice]:
@@ -98,11 +99,17 @@ def _window_draw(
     return torch.cat([perm, perm[: k - 1]]).unfold(0, k, 1), shift[..., 0]
 
 
+def _windows(table: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(c, G, k) indices: the rows of ``table`` (:func:`_window_draw`) at ``shift`` (c, G);
+    index_select copies them several times faster than advanced indexing, which moreover ran
+    as a parallel region that stalls when the machine's cores are busy (measured)."""
+    return table.index_select(0, shift.reshape(-1)).view(*shift.shape, -1)
+
+
 def row_windows(shape: torch.Size, k: int, gen: torch.Generator, device) -> torch.Tensor:
     """(B, G, k) indices: for each row a cyclic window of length k, at a uniform random shift,
     of one random permutation of range(n) shared by the rows."""
-    table, shift = _window_draw(shape, k, gen, device)
-    return table[shift]
+    return _windows(*_window_draw(shape, k, gen, device))
 
 
 def sign_table(dtype: torch.dtype, device) -> torch.Tensor:
@@ -147,9 +154,9 @@ def compress(x: torch.Tensor, cfg: RAD, seed: int) -> torch.Tensor:
     for rows in _chunks(b, rows_per_chunk(b, k, n, g)):
         part = x[rows]
         if cfg.mode == "sample":
-            torch.gather(part, 2, windows[shift[rows]], out=stored[rows])
+            torch.gather(part, 2, _windows(windows, shift[rows]), out=stored[rows])
         else:
-            torch.matmul(part * row_signs(part.shape, gen, table), r, out=stored[rows])
+            torch.matmul(row_signs(part.shape, gen, table).mul_(part), r, out=stored[rows])
     return stored
 
 
@@ -178,7 +185,7 @@ def x_hat_chunks(
     for rows in _chunks(b, rows_per_chunk(b, k, n, g)):
         if cfg.mode == "sample":
             x_hat = torch.zeros(stored[rows].shape[:2] + (n,), dtype=dtype, device=device)
-            x_hat.scatter_(2, windows[shift[rows]], stored[rows] * (n / k))
+            x_hat.scatter_(2, _windows(windows, shift[rows]), stored[rows] * (n / k))
         else:
             x_hat = stored[rows] @ r.T
             if not cfg.same_sample:
