@@ -576,15 +576,8 @@ def run(out: Path, quick: bool = False, tasks: Sequence[str] = TASKS) -> dict:
         torch.set_num_threads(threads)
     if results:
         plot(results, out / "quality_vs_budget.png")
-    meta = {
-        "command": f"randprop bench plan --out {out}" + (" --quick" if quick else ""),
-        "machine": report.machine(1),
-        "date": report.date(),
-        "load_before": load_before,
-        "load_after": report.load(),
-        "minutes": (time.time() - start) / 60,
-        "not_run": not_run,
-    }
+    command = f"randprop bench plan --out {out}" + (" --quick" if quick else "")
+    meta = {**report.run_meta(command, start, load_before), "not_run": not_run}
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}
     payload = {"settings": settings, "meta": meta, "results": results}
     (out / "results.json").write_text(json.dumps(payload, indent=2))

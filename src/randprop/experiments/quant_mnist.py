@@ -215,14 +215,8 @@ def run(out: Path, quick: bool = False) -> dict:
         for net in NETS:
             results[net] = run_net(net, splits, p, Path(tmp))
     plot(results, out / "accuracy_vs_bytes.png")
-    meta = {
-        "command": f"randprop bench quant --out {out}" + (" --quick" if quick else ""),
-        "machine": report.machine(1),
-        "date": report.date(),
-        "load_before": load_before,
-        "load_after": report.load(),
-        "minutes": (time.time() - start) / 60,
-    }
+    command = f"randprop bench quant --out {out}" + (" --quick" if quick else "")
+    meta = report.run_meta(command, start, load_before)
     settings_json = {k: {n: list(v) if isinstance(v, tuple) else v for n, v in d.items()}
                      if isinstance(d, dict) else d for k, d in p.items()}  # fmt: skip
     payload = {"settings": settings_json, "meta": meta, "results": results}

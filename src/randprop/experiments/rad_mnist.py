@@ -364,12 +364,12 @@ def run(out: Path, quick: bool = False) -> dict:
         bands={k: r["curve_std"] for k, r in rows.items()},
     )
     meta = {
-        "command": f"randprop bench rad-mnist --out {out}" + (" --quick" if quick else ""),
-        "machine": reporting.machine("1 per run"),
-        "date": reporting.date(),
-        "load_before": load_before,
-        "load_after": reporting.load(),
-        "minutes": (time.time() - start) / 60,
+        **reporting.run_meta(
+            f"randprop bench rad-mnist --out {out}" + (" --quick" if quick else ""),
+            start,
+            load_before,
+            threads="1 per run",
+        ),
         "cpu_minutes": time.process_time() / 60,
         "checkpoint_matches_exact": per_seed["checkpointing"][0]["curve"]
         == per_seed["exact"][0]["curve"],

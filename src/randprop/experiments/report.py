@@ -33,6 +33,19 @@ def date() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
+def run_meta(command: str, start: float, load_before: str, threads: int | str = 1) -> dict:
+    """What a suite's results.json says of its run: the command, machine, date, the load
+    averages before and now, and the minutes since ``start`` (a ``time.time()``)."""
+    return {
+        "command": command,
+        "machine": machine(threads),
+        "date": date(),
+        "load_before": load_before,
+        "load_after": load(),
+        "minutes": (time.time() - start) / 60,
+    }
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     """The lines of a markdown table (cells formatted with str)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
