@@ -214,7 +214,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.data_root:  # the suites that can use CIFAR-10 read it from there
         os.environ["RANDPROP_CIFAR10"] = args.data_root
     out = Path(args.out or f"runs/bench/{args.suite}")
-    suite.run(out, args.quick)
+    if args.tasks is None:
+        suite.run(out, args.quick)
+    else:
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in names if t not in suite.tasks]
+        if not suite.tasks or unknown or not names:
+            allowed = ", ".join(suite.tasks) or "none: this suite runs whole"
+            raise SystemExit(f"bench {args.suite}: --tasks must name some of: {allowed}; "
+                             f"got {args.tasks!r}")  # fmt: skip
+        suite.run(out, args.quick, tasks=names)
     print((out / "report.md").read_text())
     print(f"written to {out}/")
     return 0
@@ -253,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite")
     p.add_argument("--out", default=None, help="output directory (default runs/bench/SUITE)")
     p.add_argument("--quick", action="store_true", help="a scaled-down smoke run")
+    p.add_argument(
+        "--tasks", default=None,
+        help="comma-separated parts of the suite to run (plan: mlp,cnn,gpt2; transformer: "
+             "gpt2,llama,vit,resnet); runs already in OUT/runs are reused",
+    )  # fmt: skip
     p.add_argument(
         "--data-root", default=None,
         help="folder with CIFAR-10's python batches: the suites that can use it do",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ def _row(label: str, method: str, loss: float, seconds: float, batch: int = 8) -
 
 
 def _task() -> tlm.Task:
-    return tlm.tasks(quick=True)[0]
+    return tlm.all_tasks_of(quick=True)[0]
 
 
 def test_verdict_met_and_failed() -> None:
@@ -46,7 +47,7 @@ def test_quick_run_writes_every_row_and_resumes(tmp_path, monkeypatch) -> None:
     pytest.importorskip("transformers")
     results = tlm.run(tmp_path, quick=True)
     assert results["meta"]["complete"]
-    for task in tlm.tasks(quick=True):
+    for task in tlm.all_tasks_of(quick=True):
         settings = tlm.SETTINGS[task.settings]
         labels = [r["label"] for r in results["results"][task.name]["rows"]]
         assert labels == [s.label for s in settings]
@@ -103,3 +104,38 @@ def test_lr_factor_warms_up_then_decays_by_a_cosine() -> None:
     assert tlm.lr_factor(dataclasses.replace(task, schedule="constant"), 99) == 1.0
     with pytest.raises(ValueError, match="schedule must be 'constant' or 'cosine'; got 'step'"):
         tlm.lr_factor(dataclasses.replace(task, schedule="step"), 0)
+
+
+def test_bench_tasks_option_passes_the_named_parts_and_refuses_others(tmp_path, monkeypatch):
+    from randprop import experiments
+    from randprop.cli import build_parser
+    from randprop.experiments.registry import Suite
+
+    seen = []
+
+    def fake(out, quick, tasks=None):
+        seen.append(tasks)
+        (out / "report.md").write_text("ok")
+        return {}
+
+    suites = {"parts": Suite("parts", fake, "", ("a", "b")), "whole": Suite("whole", fake, "")}
+    monkeypatch.setattr(experiments, "get_suite", suites.__getitem__)
+    tmp_path.joinpath("out").mkdir()
+
+    def bench(*extra: str) -> int:
+        args = build_parser().parse_args(["bench", *extra, "--out", str(tmp_path / "out")])
+        return args.fn(args)
+
+    assert bench("parts", "--tasks", "b, a") == 0 and seen[-1] == ["b", "a"]
+    assert bench("parts") == 0 and seen[-1] is None  # the suite's default: every task
+    with pytest.raises(SystemExit, match="--tasks must name some of: a, b; got 'a,c'"):
+        bench("parts", "--tasks", "a,c")
+    with pytest.raises(SystemExit, match="none: this suite runs whole"):
+        bench("whole", "--tasks", "a")
+
+
+def test_task_names_are_the_suites_tasks() -> None:
+    assert tuple(t.name for t in tlm.all_tasks_of(quick=False)) == tlm.TASK_NAMES
+    assert {t.name for t in tlm.all_tasks_of(quick=True)} <= set(tlm.TASK_NAMES)
+    with pytest.raises(ValueError, match="tasks must be among gpt2, llama, vit, resnet; got"):
+        tlm.run(Path("unused"), quick=True, tasks=("gpt",))

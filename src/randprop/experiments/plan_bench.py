@@ -541,7 +541,11 @@ def write_report(out: Path, results: dict[str, dict], p: dict, meta: dict) -> st
     return text
 
 
-@suite("plan", "rp.plan vs the best uniform setting, small batch, checkpointing at 1/4..1/32 bytes")
+@suite(
+    "plan",
+    "rp.plan vs the best uniform setting, small batch, checkpointing at 1/4..1/32 bytes",
+    TASKS,
+)
 def run(out: Path, quick: bool = False, tasks: Sequence[str] = TASKS) -> dict:
     """Run (or resume from OUT/runs) the suite for ``tasks`` (a subset of TASKS)."""
     unknown = sorted(set(tasks) - set(TASKS))

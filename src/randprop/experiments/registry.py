@@ -19,19 +19,23 @@ SuiteFn = Callable[[Path, bool], dict]
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
+    """A benchmark suite; ``tasks``: the parts it can run alone (``run(out, quick, tasks=...)``),
+    empty where it has none."""
+
     name: str
     run: SuiteFn
     description: str
+    tasks: tuple[str, ...] = ()
 
 
 SUITES: dict[str, Suite] = {}
 
 
-def suite(name: str, description: str) -> Callable[[SuiteFn], SuiteFn]:
-    """Decorator registering a benchmark suite under ``name``."""
+def suite(name: str, description: str, tasks: tuple[str, ...] = ()) -> Callable[[SuiteFn], SuiteFn]:
+    """Decorator registering a benchmark suite under ``name`` (``tasks``: see :class:`Suite`)."""
 
     def register(fn: SuiteFn) -> SuiteFn:
-        SUITES[name] = Suite(name, fn, description)
+        SUITES[name] = Suite(name, fn, description, tasks)
         return fn
 
     return register

@@ -26,6 +26,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -108,7 +109,7 @@ LM_SIZE = {"layers": 4, "hidden": 256, "heads": 4, "context": 128, "intermediate
 QUICK_LM_SIZE = {"layers": 1, "hidden": 32, "heads": 2, "context": 16, "intermediate": 64}
 
 
-def tasks(quick: bool) -> list[Task]:
+def all_tasks_of(quick: bool) -> list[Task]:
     """The suite's tasks at full scale (sized for about 45 minutes on one shared CPU thread), or
     the seconds-long smoke version."""
     if quick:
@@ -647,15 +648,25 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+#: the suite's tasks by name, in order
+TASK_NAMES = ("gpt2", "llama", "vit", "resnet")
+
+
 @suite(
     "transformer",
     "char-LM GPT-2/LLaMA, ViT, ResNet-18: exact, checkpointing, randprop, small batch",
+    TASK_NAMES,
 )
-def run(out: Path, quick: bool = False) -> dict:
+def run(out: Path, quick: bool = False, tasks: Sequence[str] = TASK_NAMES) -> dict:
+    """Run (or resume from OUT/runs) the suite's tasks named in ``tasks``."""
+    unknown = sorted(set(tasks) - set(TASK_NAMES))
+    if unknown:
+        raise ValueError(f"bench transformer: tasks must be among {', '.join(TASK_NAMES)}; "
+                         f"got {unknown}")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out / "runs"
     start, load_before = time.time(), report.load()
-    all_tasks = tasks(quick)
+    all_tasks = [t for t in all_tasks_of(quick) if t.name in tasks]
     try:
         import transformers  # noqa: F401
     except ImportError:
