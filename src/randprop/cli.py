@@ -60,7 +60,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         },
         "models": {name: spec.description for name, spec in MODELS.items()},
         "datasets": {name: getattr(d, "description", "") for name, d in DATASETS.items()},
-        "suites": {name: s.description for name, s in SUITES.items()},
+        "suites": {
+            name: s.description + (f" [--tasks {','.join(s.tasks)}]" if s.tasks else "")
+            for name, s in SUITES.items()
+        },
     }
     if args.json:
         print(json.dumps(listing, indent=2))
