@@ -46,7 +46,7 @@ import torch
 from randprop.data import load_dataset
 from randprop.experiments import report
 from randprop.experiments import transformer_lm as tlm
-from randprop.experiments.registry import quick_splits, suite
+from randprop.experiments.registry import check_tasks, quick_splits, suite
 from randprop.plan import Measurements, choose, measure, uniform
 from randprop.train import TrainConfig, train
 from randprop.train.baselines import largest_batch, saved_bytes_of
@@ -476,12 +476,9 @@ def scale_lines(p: dict, names: Sequence[str]) -> list[str]:
 
 def write_report(out: Path, results: dict[str, dict], p: dict, meta: dict) -> str:
     lines = [
-        "# rp.plan: per-layer estimators under a byte budget, against uniform settings",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; {meta['date']}; load average {meta['load_before']} at the "
-        f"start, {meta['load_after']} at the end; {meta['minutes']:.1f} min wall.",
-        "",
+        *report.run_header(
+            "rp.plan: per-layer estimators under a byte budget, against uniform settings", meta
+        ),
         *[line for name, result in results.items() for line in verdicts(name, result)],
         "",
         "## Set-up and scale",
@@ -548,9 +545,8 @@ def write_report(out: Path, results: dict[str, dict], p: dict, meta: dict) -> st
 )
 def run(out: Path, quick: bool = False, tasks: Sequence[str] = TASKS) -> dict:
     """Run (or resume from OUT/runs) the suite for ``tasks`` (a subset of TASKS)."""
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise ValueError(f"bench plan: tasks must be among {', '.join(TASKS)}; got {unknown}")
+    check_tasks("plan", tasks, TASKS)
+    asked = "" if set(tasks) == set(TASKS) else f" --tasks {','.join(tasks)}"
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
@@ -580,7 +576,7 @@ def run(out: Path, quick: bool = False, tasks: Sequence[str] = TASKS) -> dict:
         torch.set_num_threads(threads)
     if results:
         plot(results, out / "quality_vs_budget.png")
-    command = f"randprop bench plan --out {out}" + (" --quick" if quick else "")
+    command = f"randprop bench plan{asked} --out {out}" + (" --quick" if quick else "")
     meta = {**report.run_meta(command, start, load_before), "not_run": not_run}
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}
     payload = {"settings": settings, "meta": meta, "results": results}

@@ -168,12 +168,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> str:
 
 def write_report(out: Path, results: dict[str, list[dict]], p: dict, meta: dict) -> str:
     lines = [
-        "# Activation quantization vs randprop's estimators on MNIST",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; {meta['date']}; load average {meta['load_before']} at the "
-        f"start, {meta['load_after']} at the end; {meta['minutes']:.1f} min wall.",
-        "",
+        *report.run_header("Activation quantization vs randprop's estimators on MNIST", meta),
         *[verdict(net, rows) for net, rows in results.items()],
         "",
         "Set-up: Adam with a constant learning rate (MLP 2e-3, exact's best on the rad-mnist "

@@ -7,7 +7,7 @@ results it wrote. ``quick`` asks for a scaled-down run (used by tests and smoke 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from torch.utils.data import TensorDataset
@@ -47,6 +47,14 @@ def quick_splits(splits: Splits, examples: int) -> Splits:
         part: TensorDataset(*(t[:examples] for t in getattr(splits, part).tensors))
         for part in ("train", "val", "test")
     })  # fmt: skip
+
+
+def check_tasks(suite_name: str, tasks: Sequence[str], allowed: Sequence[str]) -> None:
+    """Raise ValueError naming the allowed tasks when ``tasks`` has others."""
+    unknown = sorted(set(tasks) - set(allowed))
+    if unknown:
+        raise ValueError(f"bench {suite_name}: tasks must be among {', '.join(allowed)}; "
+                         f"got {unknown}")  # fmt: skip
 
 
 def get_suite(name: str) -> Suite:

@@ -46,6 +46,19 @@ def run_meta(command: str, start: float, load_before: str, threads: int | str = 
     }
 
 
+def run_header(title: str, meta: dict, suffix: str = "") -> list[str]:
+    """A report's first lines: its title, then the command and machine lines of
+    :func:`run_meta`'s ``meta`` (``suffix``: appended to the wall time, e.g. " so far")."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; {meta['date']}; load average {meta['load_before']} at the "
+        f"start, {meta['load_after']} at the end; {meta['minutes']:.1f} min wall{suffix}.",
+        "",
+    ]
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     """The lines of a markdown table (cells formatted with str)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

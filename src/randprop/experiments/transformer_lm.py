@@ -39,7 +39,7 @@ import randprop as rp
 from randprop.data import Splits, load_dataset
 from randprop.data.sources import cifar_folder
 from randprop.experiments import report
-from randprop.experiments.registry import suite
+from randprop.experiments.registry import check_tasks, suite
 from randprop.measure.peak import peak_memory, state_tensors
 from randprop.methods.loss import linear_cross_entropy
 from randprop.models import build_model
@@ -572,16 +572,10 @@ def scale_line(task: Task) -> str:
 def write_report(out: Path, all_tasks: list[Task], results: dict, meta: dict) -> str:
     by_name = {t.name: t for t in all_tasks}
     rows = {name: r["rows"] for name, r in results.items() if r["rows"]}
-    lines = [
-        "# randprop on transformers and ResNets: char-LM, ViT, ResNet-18",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; {meta['date']}; load average {meta['load_before']} at the "
-        f"start, {meta['load_after']} at the end; {meta['minutes']:.1f} min wall"
-        + ("" if meta.get("complete") else " so far (**incomplete: runs still missing**)")
-        + ".",
-        "",
-    ]
+    incomplete = "" if meta.get("complete") else " so far (**incomplete: runs still missing**)"
+    lines = report.run_header(
+        "randprop on transformers and ResNets: char-LM, ViT, ResNet-18", meta, incomplete
+    )
     for name in rows:
         if by_name[name].kind == "lm":
             lines += [*verdict(by_name[name], rows[name], results[name]["matched"]), ""]
@@ -659,10 +653,8 @@ TASK_NAMES = ("gpt2", "llama", "vit", "resnet")
 )
 def run(out: Path, quick: bool = False, tasks: Sequence[str] = TASK_NAMES) -> dict:
     """Run (or resume from OUT/runs) the suite's tasks named in ``tasks``."""
-    unknown = sorted(set(tasks) - set(TASK_NAMES))
-    if unknown:
-        raise ValueError(f"bench transformer: tasks must be among {', '.join(TASK_NAMES)}; "
-                         f"got {unknown}")  # fmt: skip
+    check_tasks("transformer", tasks, TASK_NAMES)
+    asked = "" if set(tasks) == set(TASK_NAMES) else f" --tasks {','.join(tasks)}"
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out / "runs"
     start, load_before = time.time(), report.load()
@@ -681,7 +673,7 @@ def run(out: Path, quick: bool = False, tasks: Sequence[str] = TASK_NAMES) -> di
     torch.set_num_threads(1)
     cache: dict = {}
     results: dict = {}
-    meta = {"command": f"randprop bench transformer --out {out}" + (" --quick" if quick else ""),
+    meta = {"command": f"randprop bench transformer{asked} --out {out}" + (" --quick" if quick else ""),
             "machine": report.machine(1), "load_before": load_before}  # fmt: skip
 
     def save(complete: bool, plots: bool = True) -> dict:
