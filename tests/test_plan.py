@@ -45,7 +45,8 @@ def tiny_spec():
 def setting():
     torch.manual_seed(0)
     model, batch = tiny(), tiny_batch()
-    found = measure(model, _loss_of(batch, F.cross_entropy), candidates=SMALL, draws=4)
+    found = measure(model, _loss_of(batch, F.cross_entropy), candidates=SMALL, draws=4,
+                    checkpointing=False)  # the per-layer planner (tests/test_plan_checkpointing.py)
     return model, batch, found
 
 
@@ -63,8 +64,9 @@ def measured_bytes(model: nn.Module, method, batch) -> int:
 def test_the_planned_model_fits_the_budget_as_measured(setting, budget):
     model, batch, _ = setting
     before = copy.deepcopy(model.state_dict())
-    methods, report = rp.plan(model, batch, F.cross_entropy, budget, candidates=SMALL, draws=4)
-    assert methods is report.methods
+    methods, report = rp.plan(model, batch, F.cross_entropy, budget, candidates=SMALL, draws=4,
+                              checkpointing=False)  # fmt: skip
+    assert methods is report.methods and not report.checkpointing
     assert report.budget_bytes == int(budget * report.exact_bytes)
     assert measured_bytes(model, "exact", batch) == report.exact_bytes
     assert measured_bytes(model, methods, batch) == report.measured_bytes <= report.budget_bytes
@@ -128,7 +130,8 @@ def test_a_budget_below_the_minimum_names_it(setting):
         choose(found, minimum - 1)
     assert choose(found, minimum).predicted_bytes == minimum
     with pytest.raises(ValueError, match="smallest achievable"):
-        rp.plan(model, batch, F.cross_entropy, 0.001, candidates=SMALL, draws=2)
+        rp.plan(model, batch, F.cross_entropy, 0.001, candidates=SMALL, draws=2,
+                checkpointing=False)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -142,6 +145,7 @@ def test_a_budget_below_the_minimum_names_it(setting):
         ({"candidates": ["aop"]}, ValueError, "input gradient"),
         ({"candidates": []}, ValueError, "non-empty"),
         ({"candidates": ["rad:keep=2"]}, ValueError, "keep"),
+        ({"checkpointing": "yes"}, TypeError, "checkpointing must be True or False"),
     ],
 )
 def test_bad_arguments_are_named(setting, kwargs, error, match):
@@ -198,6 +202,7 @@ def test_cli_train_with_a_budget(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "summary.json").read_text())
     planned = json.loads((out / "plan.json").read_text())
     assert summary["method"] == planned["methods"]
+    assert summary["checkpointing"] == planned["checkpointing"]
     assert summary["saved_bytes"] == planned["measured_bytes"] <= planned["budget_bytes"]
     assert summary["exact_saved_bytes"] == planned["exact_bytes"]
     capsys.readouterr()

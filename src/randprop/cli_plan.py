@@ -41,6 +41,7 @@ def plan_builtin(
     data_root: str | None = None,
     val_fraction: float = 0.1,
     splits=None,
+    checkpointing: bool = True,
 ):
     """The plan of built-in ``model_name`` (initialised from ``seed`` as `randprop train` does)
     on the first ``batch`` training examples of ``data``: (plan, splits)."""
@@ -61,7 +62,7 @@ def plan_builtin(
     n = min(batch, len(x))
     model = build_seeded(model_name, seed)
     result = plan(model, (x[:n], y[:n]), loss_fn, budget, seed=seed, draws=draws,
-                  candidates=candidates)  # fmt: skip
+                  candidates=candidates, checkpointing=checkpointing)  # fmt: skip
     return result, splits
 
 
@@ -77,11 +78,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
             model, batch, loss_fn = load_model_spec(args.model)
             result = plan_loss(model, lambda m: _spec_loss(m, batch, loss_fn), args.budget,
-                               seed=args.seed, draws=args.draws, candidates=candidates)  # fmt: skip
+                               seed=args.seed, draws=args.draws, candidates=candidates,
+                               checkpointing=not args.no_checkpointing)  # fmt: skip
         else:
             result, _ = plan_builtin(args.model, args.data, args.batch, args.budget,
                                      seed=args.seed, draws=args.draws, candidates=candidates,
-                                     data_root=args.data_root)  # fmt: skip
+                                     data_root=args.data_root,
+                                     checkpointing=not args.no_checkpointing)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     print(result.to_json() if args.json else result)
@@ -110,6 +113,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--candidate", action="append", default=[], metavar="METHOD",
         help="a setting to choose from (repeat the flag; exact is always one); default: "
         "randprop.plan.CANDIDATES (RAD keep x mode x bits, Quant bits, Trace probes x bits)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-checkpointing", action="store_true",
+        help="leave checkpointing of the blocks (recomputed in backward) out of the options",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None, help="folder of user-supplied data (cifar10)")

@@ -20,7 +20,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              "--match-memory-of")  # fmt: skip
         planned, splits = plan_builtin(args.model, args.data, args.batch, args.budget,
                                        seed=args.seed, data_root=args.data_root,
-                                       val_fraction=args.val_fraction)  # fmt: skip
+                                       val_fraction=args.val_fraction,
+                                       checkpointing=not args.no_checkpointing)  # fmt: skip
         method = planned.methods
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "plan.json").write_text(planned.to_json() + "\n")
@@ -28,6 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model=args.model,
         data=args.data,
         method=method,
+        checkpointing=bool(planned and planned.checkpointing),
         batch=args.batch,
         steps=args.steps,
         seed=args.seed,
@@ -102,6 +104,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--budget", type=parse_budget, default=None,
         help="plan every layer's method to fit this fraction of exact's saved bytes (0.1, 1/8) "
         "or bytes (rp.plan on the first training batch; writes OUT/plan.json), then train",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-checkpointing", action="store_true",
+        help="with --budget: leave checkpointing of the blocks out of the plan's options",
     )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=None, help="folder of user-supplied data (cifar10)")

@@ -28,9 +28,27 @@ PyTorch too; the plan is the least-variance one of the per-layer choice, the uni
 plain PyTorch that fits (fewest bytes among equal variance), so it is never worse than a uniform
 setting that fits, even where layers share inputs.
 
-Not planned: activation checkpointing of blocks (it changes the model's forward, not a layer's
-method, and its bytes do not add up per layer), and the methods that also approximate the input
-gradient (AOP, CRS, SparseVJP), whose variances would not add up per layer.
+Checkpointing of blocks (``checkpointing=True``, where the model has blocks: an nn.Sequential or
+a list of blocks, as ``randprop train --method checkpoint`` finds them) is planned too. Then
+backward recomputes block k once the blocks after it are done (their inputs freed) and what the
+forward saved after the last block is freed, so the peak is
+
+    max(S, H - sum_{j > k} I_j + R_k over the blocks k),
+
+S the forward's peak, H the bytes held when the last block returns (the blocks' inputs and what
+the layers before them keep), I_j block j's input bytes and R_k block k's recomputed saved bytes
+(``randprop.train.baselines.checkpointed_peak``). Each layer's choice changes H (a layer before
+the blocks) or its block's R_k (a layer inside), by d_l, measured one layer at a time on the
+checkpointed model: with every layer exact as the reference, the H-term is
+H + sum_{l outside} d_l + max_k (R_k - sum_{j > k} I_j + sum_{l in k} d_l). For a given share e of
+the bytes outside the blocks, each block is a separate knapsack with capacity
+budget - H - e - (R_k - sum_{j > k} I_j): the plan takes the e of least total variance, then
+checks S (S + the layers' measured changes to it; where it does not fit, the H-term's capacity
+shrinks by the excess). With blocks checkpointed every block's forward runs twice, so at equal
+variance the plan without checkpointing wins.
+
+Not planned: the methods that also approximate the input gradient (AOP, CRS, SparseVJP), whose
+variances would not add up per layer.
 """
 
 from __future__ import annotations
@@ -50,6 +68,7 @@ from randprop.config import MethodConfig, check_seed
 from randprop.convert import convert, restore
 from randprop.measure.saved import track_saved
 from randprop.methods import parse_method
+from randprop.train.baselines import checkpointed_peak, install_checkpointing, recording_blocks
 
 LossOf = Callable[[nn.Module], torch.Tensor]
 
@@ -66,10 +85,7 @@ CANDIDATES: tuple[str, ...] = (
 #: the method named for the compact non-weight ops in a plan's dict (any memory-saving method
 #: swaps in the same compact forms; 4 bits is their default width where they store codes)
 OPS_METHOD = "quant:bits=4"
-NOT_PLANNED = (
-    "not planned: activation checkpointing of blocks (a change of the forward, not a per-layer "
-    "method); AOP, CRS and SparseVJP (they also approximate the input gradient)"
-)
+NOT_PLANNED = "not planned: AOP, CRS and SparseVJP (they also approximate the input gradient)"
 
 
 @dataclasses.dataclass
@@ -79,6 +95,21 @@ class LayerOption:
     method: str
     bytes: int
     variance: float
+    #: with the blocks checkpointed: the change this choice makes to the H-term (its block's
+    #: R_k for a layer inside a block, H for one outside; module docstring) and to S
+    checkpointed_delta: int | None = None
+    checkpointed_forward_delta: int | None = None
+
+
+@dataclasses.dataclass
+class BlockBytes:
+    """One checkpointed block, every layer exact: its eligible layers, input bytes and the bytes
+    its recomputation saves for backward."""
+
+    name: str
+    layers: list[str]
+    input_bytes: int
+    recompute_bytes: int
 
 
 @dataclasses.dataclass
@@ -106,14 +137,31 @@ class Measurements:
     seed: int
     #: per candidate: bytes measured with it on every layer it converts at once (exact elsewhere)
     uniform_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: with the blocks checkpointed (empty: not measured or no blocks): the blocks, S and H
+    #: with every layer exact (module docstring)
+    blocks: list[BlockBytes] = dataclasses.field(default_factory=list)
+    checkpointed_forward_bytes: int = 0
+    checkpointed_held_bytes: int = 0
 
     def layer_minimum_bytes(self) -> int:
         """The least predicted total of a per-layer choice."""
         return self.fixed_bytes + sum(min(o.bytes for o in t.options) for t in self.layers)
 
+    def checkpointed_minimum_bytes(self) -> int | None:
+        """The least predicted peak with the blocks checkpointed (None: no blocks measured)."""
+        if not self.blocks:
+            return None
+        forward = self.checkpointed_forward_bytes + sum(
+            min(o.checkpointed_forward_delta for o in t.options) for t in self.layers
+        )  # fmt: skip
+        return max(_checkpoint_groups(self).minimum(), forward)
+
     def minimum_bytes(self) -> int:
-        """The least total of any plan: per-layer, uniform (measured whole) or plain exact."""
-        return min(self.layer_minimum_bytes(), self.exact_bytes, *self.uniform_bytes.values())
+        """The least total of any plan: per-layer, uniform (measured whole), plain exact or
+        with the blocks checkpointed."""
+        checkpointed = self.checkpointed_minimum_bytes()
+        return min(self.layer_minimum_bytes(), self.exact_bytes, *self.uniform_bytes.values(),
+                   *([checkpointed] if checkpointed is not None else []))  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -147,9 +195,19 @@ class Plan:
     resolution_bytes: int
     draws: int
     notes: str = NOT_PLANNED
+    #: the blocks are checkpointed too (recomputed in backward): :meth:`apply` installs it
+    checkpointing: bool = False
 
     def __iter__(self) -> Iterator:
         return iter((self.methods, self))
+
+    def apply(self, model: nn.Module, *, seed: int = 0):
+        """Convert ``model`` in place to the plan's methods and, where the plan says so,
+        checkpoint its blocks; returns convert's report."""
+        report = convert(model, self.methods, seed=seed)
+        if self.checkpointing:
+            install_checkpointing(model)
+        return report
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -178,7 +236,10 @@ class Plan:
 
         return "\n".join([
             *lines,
-            f"fixed (no choice changes it): {self.fixed_bytes:,} B",
+            f"fixed (no choice changes it): {self.fixed_bytes:,} B"
+            + ("; blocks checkpointed (recomputed in backward: one more forward of each per "
+               "step; a layer's bytes are held while its block runs)" if self.checkpointing
+               else ""),
             f"budget {frac(self.budget_bytes)}; predicted {frac(self.predicted_bytes)}; "
             f"measured {frac(self.measured_bytes)}; smallest possible {frac(self.minimum_bytes)}",
             f"total relative variance {self.total_variance:.4g} ({self.draws} draws); exact "
@@ -207,6 +268,7 @@ def plan(
     draws: int = 8,
     seed: int = 0,
     compact_ops: bool = True,
+    checkpointing: bool = True,
     max_buckets: int = 1 << 18,
 ) -> Plan:
     """The per-layer methods minimising the total relative gradient variance of ``model`` on
@@ -216,14 +278,16 @@ def plan(
 
     candidates: the settings to choose from (default :data:`CANDIDATES`; exact is always one).
     draws: gradient draws per setting. compact_ops: also swap in the compact non-weight ops
-    (exact ReLU masks, k-bit smooth activations and norms) as convert does. max_buckets: the
-    most byte buckets of the dynamic program (finer plans exactly; see the module docstring).
+    (exact ReLU masks, k-bit smooth activations and norms) as convert does. checkpointing: also
+    plan with the model's blocks checkpointed where it has blocks (``Plan.checkpointing`` says
+    whether the plan does; :meth:`Plan.apply` installs it). max_buckets: the most byte buckets
+    of the dynamic program (finer plans exactly; see the module docstring).
     The model is not modified. Raises ValueError when the budget is below the smallest
     achievable total (the message names it, in bytes and as a fraction of exact's).
     """
     return plan_loss(
         model, _loss_of(batch, loss_fn), budget, candidates=candidates, draws=draws, seed=seed,
-        compact_ops=compact_ops, max_buckets=max_buckets,
+        compact_ops=compact_ops, checkpointing=checkpointing, max_buckets=max_buckets,
     )  # fmt: skip
 
 
@@ -236,17 +300,17 @@ def plan_loss(
     draws: int = 8,
     seed: int = 0,
     compact_ops: bool = True,
+    checkpointing: bool = True,
     max_buckets: int = 1 << 18,
 ) -> Plan:
     """:func:`plan` with the loss given as ``loss_of(model) -> scalar loss`` (any batch form)."""
     _check_budget(budget)
     found = measure(model, loss_of, candidates=candidates, draws=draws, seed=seed,
-                    compact_ops=compact_ops)  # fmt: skip
+                    compact_ops=compact_ops, checkpointing=checkpointing)  # fmt: skip
     target = budget_bytes(budget, found.exact_bytes)
     chosen = choose(found, target, max_buckets=max_buckets)
-    work = _plain_copy(model)
     for _ in range(4):  # measured above the budget (not expected: see the module docstring)
-        measured = _bytes(work, chosen.methods, loss_of, seed)
+        measured = measured_bytes(model, chosen, loss_of, seed=seed)
         if measured <= target:
             break
         chosen = choose(found, target, max_buckets=max_buckets,
@@ -285,10 +349,57 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _bytes(model: nn.Module, method, loss_of: LossOf, seed: int) -> int:
-    """Saved bytes of one forward (and loss) of ``model`` converted to ``method`` (None: plain):
-    the peak of a training step's, reached at the end of the forward. The model is restored
-    afterwards."""
+def measured_bytes(model: nn.Module, planned: Plan, loss_of: LossOf, *, seed: int = 0) -> int:
+    """The peak saved bytes of a training step of a copy of ``model`` with ``planned`` applied:
+    the forward's with the blocks plain; with them checkpointed, the peak of the module
+    docstring (each block's recomputation measured)."""
+    work = _plain_copy(model)
+    if not planned.checkpointing:
+        return _bytes(work, planned.methods, loss_of, seed)
+    convert(work, planned.methods, seed=seed)
+    measured = _checkpointed(work, loss_of)
+    if measured is None:
+        raise ValueError(f"plan: cannot checkpoint the blocks of {type(model).__name__}")
+    return measured.peak
+
+
+@dataclasses.dataclass
+class _CheckpointedStep:
+    forward: int  # S
+    held: int  # H
+    blocks: list[BlockBytes]
+    peak: int
+
+
+def _checkpointed(model: nn.Module, loss_of: LossOf) -> _CheckpointedStep | None:
+    """S, H, the blocks and the peak of a checkpointed copy of ``model`` (converted as it is;
+    module docstring). None when the model has no blocks to checkpoint, or calls a block other
+    than once."""
+    clone = copy.deepcopy(model)
+    try:
+        units = install_checkpointing(clone)
+    except ValueError:
+        return None
+    names = {id(m): n for n, m in clone.named_modules()}
+    with torch.random.fork_rng(devices=[]):
+        with track_saved(clone) as saved, recording_blocks(units, saved) as records:
+            loss_of(clone)
+    if len(records) != len(units):
+        return None
+    blocks = []
+    for k, (unit, record) in enumerate(zip(units, records, strict=True)):
+        owner = unit.fn.__self__
+        members = [names[id(m)] for m in owner.modules() if id(m) in names]
+        blocks.append(BlockBytes(names.get(id(owner), f"segment {k}"), members,
+                                 record.input_bytes, record.recompute_bytes))  # fmt: skip
+    return _CheckpointedStep(saved.bytes, records[-1].held_after, blocks,
+                             checkpointed_peak(saved.bytes, records))  # fmt: skip
+
+
+def _bytes(model: nn.Module, method, loss_of: LossOf, seed: int, *, keep: bool = False) -> int:
+    """Saved bytes of one forward (and loss) of ``model`` converted to ``method`` (None: as it
+    is): the peak of a training step's, reached at the end of the forward. The model is restored
+    afterwards unless ``keep``."""
     if method is not None:
         convert(model, method, seed=seed)
     try:
@@ -296,7 +407,8 @@ def _bytes(model: nn.Module, method, loss_of: LossOf, seed: int) -> int:
             loss_of(model)  # the graph is freed on return: no backward needed
         return saved.bytes
     finally:
-        restore(model)
+        if not keep:
+            restore(model)
 
 
 def _layer_grads(model: nn.Module, loss_of: LossOf, layers: Sequence[str]) -> list[torch.Tensor]:
@@ -320,15 +432,18 @@ def measure(
     draws: int = 8,
     seed: int = 0,
     compact_ops: bool = True,
+    checkpointing: bool = True,
 ) -> Measurements:
     """Measure every candidate's bytes and relative variance on every layer it converts (see the
-    module docstring); :func:`choose` then plans any budget from them."""
+    module docstring), and with ``checkpointing`` (where the model has blocks) its bytes with
+    the blocks checkpointed; :func:`choose` then plans any budget from them."""
     seed = check_seed(seed, "plan")
     candidates = CANDIDATES if candidates is None else candidates
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
         raise ValueError(f"plan: draws must be an int >= 2 (to estimate a variance); got {draws!r}")
-    if not isinstance(compact_ops, bool):
-        raise TypeError(f"plan: compact_ops must be True or False; got {compact_ops!r}")
+    for flag, value in (("compact_ops", compact_ops), ("checkpointing", checkpointing)):
+        if not isinstance(value, bool):
+            raise TypeError(f"plan: {flag} must be True or False; got {value!r}")
     if isinstance(candidates, (str, MethodConfig)) or not len(candidates):
         raise ValueError("plan: candidates must be a non-empty list of methods")
     configs = list(dict.fromkeys(parse_method(c) for c in candidates))
@@ -360,6 +475,7 @@ def measure(
     convert(work, spec({}), seed=seed)
     with track_saved(work) as saved:
         loss_of(work)
+    checkpointed = _checkpointed(work, loss_of) if checkpointing else None
     restore(work)
     base, held = saved.bytes, {n: saved.by_module.get(n, 0) for n in names}
     reference = _layer_grads(work, loss_of, names)
@@ -386,14 +502,39 @@ def measure(
         for name in layers:
             i = names.index(name)
             variance = m2[i].sum().item() / (draws - 1) / norms[i]
-            size = held[name]
+            size, deltas = held[name], (None, None) if checkpointed is None else (0, 0)
             if c != exact:
-                size += _bytes(work, spec({name: c}), loss_of, seed) - base
-            options[name].append(LayerOption(str(c), size, variance))
+                convert(work, spec({name: c}), seed=seed)
+                size += _bytes(work, None, loss_of, seed, keep=True) - base
+                if checkpointed is not None:
+                    deltas = _checkpointed_deltas(work, loss_of, name, checkpointed)
+                restore(work)
+            options[name].append(LayerOption(str(c), size, variance, *deltas))
     kinds = dict(work.named_modules())
     tables = [LayerTable(n, type(kinds[n]).__name__, options[n]) for n in names]
     fixed = base - sum(held.values())
-    return Measurements(tables, ops, exact_bytes, fixed, draws, seed, uniform_bytes)
+    found = Measurements(tables, ops, exact_bytes, fixed, draws, seed, uniform_bytes)
+    if checkpointed is not None:
+        found.checkpointed_forward_bytes = checkpointed.forward
+        found.checkpointed_held_bytes = checkpointed.held
+        found.blocks = [dataclasses.replace(b, layers=[n for n in b.layers if n in names])
+                        for b in checkpointed.blocks]  # fmt: skip
+    return found
+
+
+def _checkpointed_deltas(
+    model: nn.Module, loss_of: LossOf, name: str, reference: _CheckpointedStep
+) -> tuple[int, int]:
+    """The changes layer ``name``'s choice (``model`` converted with it) makes to the H-term
+    (its block's R_k inside a block, H outside; module docstring) and to S, against
+    ``reference`` (every layer exact). A layer in a block that also changes H adds that change
+    too (conservative)."""
+    now = _checkpointed(model, loss_of)
+    delta = now.held - reference.held
+    for block, then in zip(now.blocks, reference.blocks, strict=True):
+        if name in then.layers:
+            delta += block.recompute_bytes - then.recompute_bytes
+    return delta, now.forward - reference.forward
 
 
 def choose(
@@ -401,7 +542,8 @@ def choose(
     capacity: int | None = None,
 ) -> Plan:  # fmt: skip
     """The plan of least total relative variance whose predicted bytes fit ``budget`` (bytes,
-    or a fraction of exact's), by dynamic programming over byte buckets (module docstring).
+    or a fraction of exact's), by dynamic programming over byte buckets (module docstring);
+    among equal variance, one without checkpointing, then the fewest bytes.
     ``capacity``: plan for this many bytes instead (still reported against ``budget``)."""
     target = budget_bytes(budget, found.exact_bytes)
     minimum = found.minimum_bytes()
@@ -412,37 +554,46 @@ def choose(
             f"{found.exact_bytes:,} B) is below the smallest achievable total, {minimum:,} B "
             f"({minimum / found.exact_bytes:.4f} of exact)"
         )
-    alternatives = []  # (variance, bytes, layers, methods, fixed bytes, note)
+    alternatives = []  # (variance, checkpointing, bytes, layers, methods, fixed, note, step)
+
+    def add(layers: list[LayerChoice], size: int, fixed: int, note: str = "", step: int = 1,
+            *, checkpointing: bool = False, ops: bool = True) -> None:  # fmt: skip
+        methods = {c.name: c.method for c in layers}
+        if ops:
+            methods |= dict.fromkeys(found.ops, OPS_METHOD)
+        alternatives.append((sum(c.variance for c in layers), checkpointing, size, layers,
+                             methods, fixed, note, step))  # fmt: skip
+
     if limit >= found.layer_minimum_bytes():
         layers, step = _knapsack(found, limit, max_buckets)
-        methods = {c.name: c.method for c in layers} | dict.fromkeys(found.ops, OPS_METHOD)
-        alternatives.append((sum(c.variance for c in layers), found.fixed_bytes +
-                             sum(c.bytes for c in layers), layers, methods, found.fixed_bytes,
-                             ""))  # fmt: skip
-    else:
-        step = 1
-    exact_layers = [_choice(t, t.options[0]) for t in found.layers]
+        add(layers, found.fixed_bytes + sum(c.bytes for c in layers), found.fixed_bytes, "", step)
+    checkpointed = found.checkpointed_minimum_bytes()
+    if checkpointed is not None and limit >= checkpointed:
+        solved = _checkpointed_knapsack(found, limit, max_buckets)
+        if solved is not None:
+            layers, size, step = solved
+            add(layers, size, found.checkpointed_held_bytes, "", step, checkpointing=True)
     for text, size in found.uniform_bytes.items():
         # the setting on every layer it converts, measured whole: where layers share an input
         # this is less than the per-layer bytes add up to
         if size <= limit:
             layers = [_choice(t, next((o for o in t.options if o.method == text), t.options[0]))
                       for t in found.layers]  # fmt: skip
-            methods = {c.name: c.method for c in layers} | dict.fromkeys(found.ops, OPS_METHOD)
             shared = size != found.fixed_bytes + sum(c.bytes for c in layers)
             note = (f"uniform setting {text}, its total measured whole (layers sharing an input "
                     "free it only together: the per-layer bytes, each measured alone, do not add "
                     "up to it)") if shared else ""  # fmt: skip
-            alternatives.append((sum(c.variance for c in layers), size, layers, methods,
-                                 found.fixed_bytes, note))  # fmt: skip
+            add(layers, size, found.fixed_bytes, note)
     if found.exact_bytes <= limit:
         # plain PyTorch: exact layers without the compact ops (whose masks cost bytes where the
         # next layer keeps its input anyway)
-        alternatives.append((0.0, found.exact_bytes, exact_layers,
-                             {c.name: c.method for c in exact_layers},
-                             found.exact_bytes - sum(c.bytes for c in exact_layers),
-                             "plain PyTorch: no compact ops"))  # fmt: skip
-    variance, predicted, layers, methods, fixed, note = min(alternatives, key=lambda a: a[:2])
+        exact_layers = [_choice(t, t.options[0]) for t in found.layers]
+        add(exact_layers, found.exact_bytes,
+            found.exact_bytes - sum(c.bytes for c in exact_layers),
+            "plain PyTorch: no compact ops", ops=False)  # fmt: skip
+    variance, checkpointing, predicted, layers, methods, fixed, note, step = min(
+        alternatives, key=lambda a: a[:3]
+    )
     return Plan(
         methods=methods,
         layers=layers,
@@ -456,6 +607,7 @@ def choose(
         resolution_bytes=step,
         draws=found.draws,
         notes="; ".join(filter(None, (note, NOT_PLANNED))),
+        checkpointing=checkpointing,
     )
 
 
@@ -464,41 +616,183 @@ def _choice(table: LayerTable, option: LayerOption) -> LayerChoice:
                        table.options[0].bytes, option.variance)  # fmt: skip
 
 
+Rows = list[list[tuple[int, float]]]  # per layer, per option: (buckets, variance)
+
+
+def _dp(rows: Rows, cap: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Multiple-choice knapsack: best[e] the least total variance of one option per layer using
+    exactly e buckets (inf: none), and per layer the option chosen at each e."""
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0
+    picks = []
+    for row in rows:
+        new = np.full(cap + 1, np.inf)
+        pick = np.zeros(cap + 1, dtype=np.int32)
+        for j, (k, variance) in enumerate(row):
+            if k > cap:
+                continue
+            trial = best[: cap + 1 - k] + variance
+            better = trial < new[k:]
+            new[k:][better] = trial[better]
+            pick[k:][better] = j
+        best = new
+        picks.append(pick)
+    return best, picks
+
+
+def _backtrack(rows: Rows, picks: list[np.ndarray], e: int) -> list[int]:
+    """The option index per layer of :func:`_dp`'s solution at e buckets."""
+    chosen = []
+    for row, pick in zip(reversed(rows), reversed(picks), strict=True):
+        index = int(pick[e])
+        chosen.append(index)
+        e -= row[index][0]
+    return chosen[::-1]
+
+
+def _at_most(best: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(least variance within e buckets, the fewest buckets reaching it), for every e."""
+    value = np.minimum.accumulate(best)
+    improves = np.concatenate(([True], best[1:] < value[:-1]))
+    where = np.maximum.accumulate(np.where(improves, np.arange(len(best)), 0))
+    return value, where
+
+
+def _bucket_rows(extra: list[list[int]], found: Measurements, max_buckets: int, span: int
+                 ) -> tuple[int, Rows]:  # fmt: skip
+    """The bucket (the gcd of the byte steps, coarser when there would be more than
+    ``max_buckets``) and the layers' options in buckets (rounded up)."""
+    step = reduce(math.gcd, (e for row in extra for e in row), 0) or 1
+    step = max(step, math.ceil(span / max_buckets))
+    rows = [[(math.ceil(e / step), o.variance) for e, o in zip(row, t.options, strict=True)]
+            for row, t in zip(extra, found.layers, strict=True)]  # fmt: skip
+    return step, rows
+
+
 def _knapsack(found: Measurements, limit: int, max_buckets: int) -> tuple[list[LayerChoice], int]:
     """The per-layer choice of least total variance whose predicted bytes fit ``limit`` (fewest
     buckets among equal variance), and the bucket size in bytes."""
     minimum = found.layer_minimum_bytes()
     lows = [min(o.bytes for o in t.options) for t in found.layers]
     extra = [[o.bytes - low for o in t.options] for t, low in zip(found.layers, lows, strict=True)]
-    span = sum(max(e) for e in extra)
-    step = reduce(math.gcd, (e for row in extra for e in row), 0) or 1
-    step = max(step, math.ceil(span / max_buckets))
-    cap = min((limit - minimum) // step, sum(math.ceil(max(e) / step) for e in extra))
-    best = np.full(cap + 1, np.inf)
-    best[0] = 0.0
-    picks = []
-    for table, row in zip(found.layers, extra, strict=True):
-        new = np.full(cap + 1, np.inf)
-        pick = np.zeros(cap + 1, dtype=np.int32)
-        for j, (option, e) in enumerate(zip(table.options, row, strict=True)):
-            k = math.ceil(e / step)
-            if k > cap:
-                continue
-            trial = best[: cap + 1 - k] + option.variance
-            better = trial < new[k:]
-            new[k:][better] = trial[better]
-            pick[k:][better] = j
-        best = new
-        picks.append(pick)
-    j = int(np.argmin(best))  # first minimum: fewest buckets among equal variance
-    chosen: list[int] = []
-    for row, pick in zip(reversed(extra), reversed(picks), strict=True):
-        index = int(pick[j])
-        chosen.append(index)
-        j -= math.ceil(row[index] / step)
-    chosen.reverse()
+    step, rows = _bucket_rows(extra, found, max_buckets, sum(max(e) for e in extra))
+    cap = min((limit - minimum) // step, sum(max(k for k, _ in row) for row in rows))
+    best, picks = _dp(rows, cap)
+    chosen = _backtrack(rows, picks, int(np.argmin(best)))  # first minimum: fewest buckets
     layers = [_choice(t, t.options[i]) for t, i in zip(found.layers, chosen, strict=True)]
     return layers, step
+
+
+@dataclasses.dataclass
+class _Groups:
+    """The layers of a checkpointed plan (table indices): those before the blocks (they change
+    H and S alike), and the groups each bounded on its own for a given share of those: the
+    blocks (by R_k - sum_{j > k} I_j, their offset) and the layers after the blocks (they change
+    S only: offset S - H). base: H; per layer its delta per option; the least deltas summed."""
+
+    outside: list[int]
+    groups: list[list[int]]
+    base: int
+    offsets: list[int]
+    deltas: list[list[int]]
+    low_outside: int
+    low_groups: list[int]
+
+    def minimum(self) -> int:
+        return self.base + self.low_outside + max(
+            off + low for off, low in zip(self.offsets, self.low_groups, strict=True)
+        )  # fmt: skip
+
+    def predicted(self, choice: Sequence[int]) -> int:
+        """The peak of one option index per layer."""
+
+        def total(members: list[int]) -> int:
+            return sum(self.deltas[i][choice[i]] for i in members)
+
+        return self.base + total(self.outside) + max(
+            off + total(members) for off, members in zip(self.offsets, self.groups, strict=True)
+        )  # fmt: skip
+
+
+def _checkpoint_groups(found: Measurements) -> _Groups:
+    index = {t.name: i for i, t in enumerate(found.layers)}
+    blocks = [[index[n] for n in b.layers] for b in found.blocks]
+    inside = {i for members in blocks for i in members}
+    after = [i for i, t in enumerate(found.layers) if i not in inside and all(
+        o.checkpointed_delta == 0 for o in t.options)]  # fmt: skip
+    before = [i for i in range(len(found.layers)) if i not in inside and i not in after]
+    deltas = []
+    for i, t in enumerate(found.layers):
+        if i in inside:
+            deltas.append([o.checkpointed_delta for o in t.options])
+        elif i in after:
+            deltas.append([o.checkpointed_forward_delta for o in t.options])
+        else:  # before the blocks: the larger of its changes to H and to S (equal, as a rule)
+            deltas.append([max(o.checkpointed_delta, o.checkpointed_forward_delta)
+                           for o in t.options])  # fmt: skip
+    lows = [min(row) for row in deltas]
+    inputs = [b.input_bytes for b in found.blocks]
+    offsets = [b.recompute_bytes - sum(inputs[k + 1 :]) for k, b in enumerate(found.blocks)]
+    groups = [*blocks, after]
+    offsets.append(found.checkpointed_forward_bytes - found.checkpointed_held_bytes)
+    return _Groups(before, groups, found.checkpointed_held_bytes, offsets, deltas,
+                   sum(lows[i] for i in before), [sum(lows[i] for i in m) for m in groups])  # fmt: skip
+
+
+def _checkpointed_knapsack(
+    found: Measurements, limit: int, max_buckets: int
+) -> tuple[list[LayerChoice], int, int] | None:
+    """With the blocks checkpointed: the per-layer choice of least total variance whose
+    predicted peak fits ``limit``, that peak, and the bucket size (None: nothing fits). For each
+    share e of buckets before the blocks, each group is its own knapsack (module docstring);
+    the least e among equal variance. Where S, as measured layer by layer, does not fit, the
+    capacity shrinks by the excess."""
+    g = _checkpoint_groups(found)
+    extra = [[d - min(row) for d in row] for row in g.deltas]
+    span = max(sum(max(extra[i]) for i in members) for members in [g.outside, *g.groups])
+    step, rows = _bucket_rows(extra, found, max_buckets, span)
+    capacity = limit
+    for _ in range(4):
+        choice = _checkpointed_dp(g, rows, capacity, step)
+        if choice is None:
+            return None
+        options = [t.options[j] for t, j in zip(found.layers, choice, strict=True)]
+        forward = found.checkpointed_forward_bytes + sum(
+            o.checkpointed_forward_delta for o in options
+        )  # fmt: skip
+        peak = max(g.predicted(choice), forward)
+        if peak <= limit:
+            layers = [_choice(t, o) for t, o in zip(found.layers, options, strict=True)]
+            return layers, peak, step
+        capacity -= peak - limit
+    return None
+
+
+def _checkpointed_dp(g: _Groups, rows: Rows, capacity: int, step: int) -> list[int] | None:
+    """The option index per layer of least total variance whose predicted peak (the groups'
+    bound, :class:`_Groups`) fits ``capacity``; None if none does."""
+    room = capacity - g.base - g.low_outside
+    caps = [(room - off - low) // step for off, low in zip(g.offsets, g.low_groups, strict=True)]
+    if min(caps) < 0:
+        return None
+    out_rows = [rows[i] for i in g.outside]
+    top = min(*caps, sum(max(k for k, _ in row) for row in out_rows))
+    out_best, out_picks = _dp(out_rows, top)
+    totals = out_best.copy()
+    solved = []
+    for members, cap in zip(g.groups, caps, strict=True):
+        group_rows = [rows[i] for i in members]
+        best, picks = _dp(group_rows, min(cap, sum(max(k for k, _ in r) for r in group_rows)))
+        value, where = _at_most(best)
+        at = np.minimum(cap - np.arange(top + 1), len(best) - 1)  # the group's buckets per e
+        totals += value[at]
+        solved.append((group_rows, picks, where, at))
+    e = int(np.argmin(totals))
+    chosen = dict(zip(g.outside, _backtrack(out_rows, out_picks, e), strict=True))
+    for members, (group_rows, picks, where, at) in zip(g.groups, solved, strict=True):
+        chosen |= dict(zip(members, _backtrack(group_rows, picks, int(where[at[e]])),
+                           strict=True))  # fmt: skip
+    return [chosen[i] for i in range(len(rows))]
 
 
 def uniform(found: Measurements, method: str | MethodConfig) -> tuple[int, float]:

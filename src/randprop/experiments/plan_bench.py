@@ -47,7 +47,7 @@ from randprop.data import load_dataset
 from randprop.experiments import report
 from randprop.experiments import transformer_lm as tlm
 from randprop.experiments.registry import check_tasks, quick_splits, suite
-from randprop.plan import Measurements, choose, measure, uniform
+from randprop.plan import Measurements, Plan, choose, measure, measured_bytes, uniform
 from randprop.train import TrainConfig, train
 from randprop.train.baselines import largest_batch, saved_bytes_of
 from randprop.train.loop import build_seeded, loss_fn
@@ -55,6 +55,8 @@ from randprop.train.loop import build_seeded, loss_fn
 BUDGETS = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 BUDGET_LABELS = ("1/4", "1/8", "1/16", "1/32")
 UNIFORM_TOP = 2
+#: what rp.plan chooses among beyond its candidates (a change re-plans, reusing other runs)
+PLAN_OPTIONS = "checkpointing of blocks"
 #: the learning-rate schedule of every run: a cosine decay to 0 over the run
 SCHEDULE = "cosine"
 TASKS = ("mlp", "cnn", "gpt2")
@@ -112,12 +114,19 @@ class ImageTask:
         first = torch.arange(min(self.batch, len(x)))  # index copies, as the loop takes them
         self.x, self.y = x[first], y[first]
 
+    def loss_of(self, model) -> torch.Tensor:
+        return loss_fn(model(self.x), self.y)
+
     def setup(self, seed: int) -> tuple[int, Measurements]:
         """(exact's saved bytes, rp.plan's measurements) on the seeded model's first batch."""
         model = build_seeded(self.name, seed)
-        found = measure(copy.deepcopy(model), lambda m: loss_fn(m(self.x), self.y),
-                        candidates=self.p["candidates"], draws=self.p["draws"], seed=seed)  # fmt: skip
+        found = measure(copy.deepcopy(model), self.loss_of, candidates=self.p["candidates"],
+                        draws=self.p["draws"], seed=seed)  # fmt: skip
         return found.exact_bytes, found
+
+    def plan_bytes(self, seed: int, planned: Plan) -> int:
+        """The planned model's measured peak saved bytes (blocks' recomputation included)."""
+        return measured_bytes(build_seeded(self.name, seed), planned, self.loss_of, seed=seed)
 
     def exact_bytes_at(self, seed: int, batch: int) -> int:
         model = build_seeded(self.name, seed)
@@ -125,10 +134,12 @@ class ImageTask:
         return saved_bytes_of(lambda: model, "exact", xb, yb, loss_fn, seed)
 
     def train(self, seed: int, label: str, method, batch: int, checkpointing: bool) -> dict:
+        plain = checkpointing and method == "exact"  # the checkpointing baseline
         cfg = TrainConfig(model=self.name, data=self.splits.name, steps=self.p["steps"][self.name],
                           seed=seed, optimizer="adam", lr=self.p["lr"][self.name], batch=batch,
                           schedule=SCHEDULE, threads=1, progress=False, log_every=0,
-                          method="checkpoint" if checkpointing else method,
+                          method="checkpoint" if plain else method,
+                          checkpointing=checkpointing and not plain,
                           out=str(self.tmp / f"{self.name}-{_slug(label)}-{seed}"))  # fmt: skip
         return train(cfg, splits=self.splits)
 
@@ -159,14 +170,21 @@ class LMTask:
         from randprop.methods.attention import use_compact_attention
 
         use_compact_attention(model)
-        fused = tlm.Setting("fused", method="exact")  # any method: the fused loss
-
-        def loss_of(m):
-            return tlm.loss_of(self.task, fused, m, self.x, self.y)
-
-        found = measure(model, loss_of, candidates=self.p["candidates"], draws=self.p["draws"],
-                        seed=seed)  # fmt: skip
+        found = measure(model, self.loss_of, candidates=self.p["candidates"],
+                        draws=self.p["draws"], seed=seed)  # fmt: skip
         return exact_bytes, found
+
+    def loss_of(self, model) -> torch.Tensor:
+        fused = tlm.Setting("fused", method="exact")  # any method: the fused loss
+        return tlm.loss_of(self.task, fused, model, self.x, self.y)
+
+    def plan_bytes(self, seed: int, planned: Plan) -> int:
+        """The planned model's measured peak saved bytes (blocks' recomputation included)."""
+        from randprop.methods.attention import use_compact_attention
+
+        model = tlm.build(self.task, tlm.Setting("exact"), seed, self.splits)
+        use_compact_attention(model)
+        return measured_bytes(model, planned, self.loss_of, seed=seed)
 
     def exact_bytes_at(self, seed: int, batch: int) -> int:
         exact = tlm.Setting("exact")
@@ -211,6 +229,7 @@ def uniform_choices(uniforms: dict[str, list], budget: int) -> list[dict]:
 def setup_seed(task, seed: int, runs: Path, fingerprint: dict) -> dict:
     """The seed's measurements, plans and small batches per budget (from disk when there)."""
     path = runs / f"{task.name}-setup-seed{seed}.json"
+    fingerprint = {**fingerprint, "plan_options": PLAN_OPTIONS}
     stored = _load(path, fingerprint)
     if stored is not None:
         return stored
@@ -235,7 +254,9 @@ def setup_seed(task, seed: int, runs: Path, fingerprint: dict) -> dict:
         else:
             planned = choose(found, budget)
             entry["plan"] = {"methods": planned.methods, "total_variance": planned.total_variance,
+                             "checkpointing": planned.checkpointing,
                              "predicted_bytes": planned.predicted_bytes,
+                             "measured_bytes": task.plan_bytes(seed, planned),
                              "layers": {c.name: c.method for c in planned.layers}}  # fmt: skip
         entry["small_batch"] = largest_batch(lambda b, budget=budget: fits(b, budget), task.batch)
         budgets[label] = entry
@@ -293,13 +314,26 @@ def run_task(task, p: dict, runs: Path) -> dict:
         for label in BUDGET_LABELS:
             entry = setup["budgets"][label]
             if entry["plan"] is not None:
-                get(seed, f"plan {label}", entry["plan"]["methods"], task.batch)
+                get(
+                    seed,
+                    f"plan {label}",
+                    entry["plan"]["methods"],
+                    task.batch,
+                    checkpointing=entry["plan"]["checkpointing"],
+                )
             for u in uniform_choices(first["uniform"], first["budgets"][label]["budget_bytes"]):
                 get(seed, f"uniform {u['method']}", u["method"], task.batch)
             small = entry["small_batch"]
             if small:
                 get(seed, f"small batch {small}", "exact", small)
     return aggregate(task.name, p["seeds"], setups, records)
+
+
+def _time_ratio(records: dict, label: str, seeds: Sequence[int]) -> float | None:
+    """Mean over seeds of the run's seconds per step over exact's (same seed)."""
+    ratios = [records[label, s]["seconds_per_step"] / records["exact", s]["seconds_per_step"]
+              for s in seeds if (label, s) in records and ("exact", s) in records]  # fmt: skip
+    return float(np.mean(ratios)) if ratios else None
 
 
 def _aggregate(rs: list[dict]) -> dict:
@@ -334,7 +368,11 @@ def aggregate(name: str, seeds: Sequence[int], setups: dict, records: dict) -> d
             plans = [setups[s]["budgets"][label]["plan"] for s in seeds]
             variances = [q["total_variance"] for q in plans if q is not None]
             plan |= {"total_variance": float(np.mean(variances)),
-                     "methods": entry["plan"]["layers"]}  # fmt: skip
+                     "methods": entry["plan"]["layers"],
+                     "checkpointing": entry["plan"]["checkpointing"],
+                     # rp.plan's measurement: a step's peak, the blocks' recomputation included
+                     "saved_bytes": max(q["measured_bytes"] for q in plans if q is not None),
+                     "time_vs_exact": _time_ratio(records, f"plan {label}", seeds)}  # fmt: skip
         row["plan"] = plan
         candidates = []
         for u in uniform_choices(first["uniform"], entry["budget_bytes"]):
@@ -390,8 +428,9 @@ def verdicts(name: str, result: dict) -> list[str]:
                 inside = "within" if diff["within_one_std"] else "beyond"
                 noise = (f"{inside} one std of the seed-paired differences "
                          f"({_units(name, diff['std'])[1:]})")  # fmt: skip
+            ckpt = ", blocks checkpointed" if plan["checkpointing"] else ""
             lines.append(
-                f"{head} the plan ({plan['quality']:.4f}) is {word} the best uniform setting "
+                f"{head} the plan ({plan['quality']:.4f}{ckpt}) is {word} the best uniform setting "
                 f"`{best['method']}` ({best['quality']:.4f}; {better} is better): plan - uniform "
                 f"{_units(name, diff['mean'])}, {noise}"
             )
@@ -404,7 +443,7 @@ def _cell(r: dict | None) -> str:
 
 def table(name: str, result: dict) -> list[str]:
     exact = result["exact_bytes"]
-    header = ["budget", "bytes", "plan", "plan bytes", "plan rel var", "best uniform",
+    header = ["budget", "bytes", "plan", "plan bytes", "plan rel var", "plan s/step", "best uniform",
               "uniform bytes", "uniform rel var", "plan - uniform (paired std)", "small batch",
               "checkpointing"]  # fmt: skip
     rows = []
@@ -414,9 +453,12 @@ def table(name: str, result: dict) -> list[str]:
         std = "" if diff is None or diff["std"] is None else f" ({_units(name, diff['std'])[1:]})"
         rows.append([
             row["budget"], f"{row['budget_bytes']:,}",
-            (row["plan_error"] or "n/a") if plan is None else _cell(plan),
+            (row["plan_error"] or "n/a") if plan is None else
+            _cell(plan) + (" (blocks checkpointed)" if plan["checkpointing"] else ""),
             "n/a" if plan is None else f"{plan['saved_bytes'] / exact:.4f}",
             "n/a" if plan is None else f"{plan['total_variance']:.3g}",
+            "n/a" if plan is None or plan["time_vs_exact"] is None else
+            f"{plan['time_vs_exact']:.2f}x exact",
             "n/a" if best is None else f"{_cell(best)} `{best['method']}`",
             "n/a" if best is None else f"{best['saved_bytes'] / exact:.4f}",
             "n/a" if best is None else f"{best['total_variance']:.3g}",
@@ -507,6 +549,14 @@ def write_report(out: Path, results: dict[str, dict], p: dict, meta: dict) -> st
         "no choice changes: the compact non-weight ops, the loss's and, for the language model, "
         "randprop's attention core).",
         "",
+        "The plan may also checkpoint the blocks (the layers' methods then apply in the "
+        "recomputed blocks): rp.plan takes it where it lowers the total variance at the budget. "
+        "A plan's bytes are rp.plan's measurement of a training step's peak on the seed's first "
+        "batch (the largest over seeds), with checkpointed blocks' recomputation counted; plan "
+        "s/step is the mean over seeds of its training step time over exact's (same seed, same "
+        "process, one thread; the other core busy), so a checkpointed plan shows the recompute's "
+        "cost.",
+        "",
     ]
     if "gpt2" in results:
         r = results["gpt2"]
@@ -528,8 +578,9 @@ def write_report(out: Path, results: dict[str, dict], p: dict, meta: dict) -> st
         lines += ["Plans (first seed):", ""]
         for row in result["budgets"]:
             if row["plan"]:
+                ckpt = "; blocks checkpointed" if row["plan"]["checkpointing"] else ""
                 lines.append(f"- {row['budget']}: " + ", ".join(
-                    f"{k}: `{v}`" for k, v in row["plan"]["methods"].items()))  # fmt: skip
+                    f"{k}: `{v}`" for k, v in row["plan"]["methods"].items()) + ckpt)  # fmt: skip
         lines.append("")
     if results:
         lines += ["![quality against the budget](quality_vs_budget.png)", ""]

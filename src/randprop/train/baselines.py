@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import math
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -44,13 +46,28 @@ def install(
     seed: int,
     *,
     model_name: str | None = None,
+    checkpointing: bool = False,
 ) -> LearningRule:
     """Install ``method`` on ``model`` in place; return the rule that computes gradients.
 
     A per-layer method returns :class:`Backprop` with the conversion report as ``.report``; one
     that converts no weight layer of the model (e.g. trace on an MLP) raises ValueError naming
     the model (``model_name``, else its class), the method and why each layer was skipped.
+    checkpointing: also checkpoint the model's blocks (after converting them), as a plan with
+    ``checkpointing`` asks; only with a per-layer method.
     """
+    if not isinstance(checkpointing, bool):
+        raise TypeError(f"checkpointing must be True or False; got {checkpointing!r}")
+    if checkpointing:
+        name = "" if isinstance(method, dict) else str(method).partition(":")[0].strip().lower()
+        if name in (*LEARNING_RULES, "checkpoint"):
+            raise ValueError(
+                f"checkpointing=True goes with a per-layer method (or a dict of them); got "
+                f"{method!r}"
+            )
+        rule = install(model, method, loss_fn, seed, model_name=model_name)
+        install_checkpointing(model)
+        return rule
     if isinstance(method, dict):  # module-name patterns -> per-layer methods
         rule = Backprop(model, loss_fn, seed)
         rule.report = convert(model, method, seed=seed)
@@ -98,36 +115,98 @@ def _segments_option(options: str) -> int | None:
     return int(value)
 
 
+@dataclasses.dataclass
+class BlockRecord:
+    """One call of a checkpointed block: the bytes of its inputs (kept by the forward), the
+    bytes its recomputation saves for backward, and the bytes the tracker of the whole step
+    held when the call returned."""
+
+    input_bytes: int
+    recompute_bytes: int
+    held_after: int
+
+
 class _Checkpointed:
-    """Calls ``fn`` through non-reentrant checkpointing. With ``log`` set (a list), each call
-    appends (bytes of its inputs, bytes its recomputation saves for backward)."""
+    """Calls ``fn`` through non-reentrant checkpointing. While recorded
+    (:func:`recording_blocks`), each call appends its :class:`BlockRecord`."""
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
-        self.log: list[tuple[int, int]] | None = None
+        self.log: list[BlockRecord] | None = None
+        self.tracker: track_saved | None = None
 
     def __call__(self, *args, **kwargs):
-        if self.log is not None and torch.is_grad_enabled():
-            detached = [a.detach().requires_grad_() if _float(a) else a for a in args]
-            with track_saved(exclude=[a for a in detached if _float(a)]) as saved:  # in in_bytes
-                self.fn(*detached, **kwargs)
-            storages = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for a in args if _float(a)}  # fmt: skip
-            self.log.append((sum(storages.values()), saved.bytes))
-        return checkpoint(self.fn, *args, use_reentrant=False, **kwargs)
+        if self.log is None or not torch.is_grad_enabled():
+            return checkpoint(self.fn, *args, use_reentrant=False, **kwargs)
+        detached = [a.detach().requires_grad_() if _float(a) else a for a in args]
+        with track_saved(exclude=[a for a in detached if _float(a)]) as saved:  # in input_bytes
+            self.fn(*detached, **kwargs)
+        storages = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for a in args if _float(a)}  # fmt: skip
+        out = checkpoint(self.fn, *args, use_reentrant=False, **kwargs)
+        held = self.tracker.current if self.tracker is not None else 0
+        self.log.append(BlockRecord(sum(storages.values()), saved.bytes, held))
+        return out
+
+
+@contextlib.contextmanager
+def recording_blocks(
+    units: Sequence[_Checkpointed], tracker: track_saved
+) -> Iterator[list[BlockRecord]]:
+    """Record every call of the checkpointed ``units`` (install_checkpointing's) while
+    ``tracker`` (a track_saved of the whole step) runs; yields the list of records."""
+    records: list[BlockRecord] = []
+    for unit in units:
+        unit.log, unit.tracker = records, tracker
+    try:
+        yield records
+    finally:
+        for unit in units:
+            unit.log = unit.tracker = None
+
+
+def checkpointed_peak(forward_peak: int, records: Sequence[BlockRecord]) -> int:
+    """The peak saved bytes of a step with checkpointed blocks: backward recomputes block k once
+    the blocks after it are done (their inputs freed) and what the forward saved after the last
+    block is freed, so the peak is max(forward peak, max_k (H - sum_{j > k} I_j + R_k)), H the
+    bytes held when the last block returned, I_j the blocks' inputs, R_k block k's
+    recomputation."""
+    held = records[-1].held_after
+    later = [sum(r.input_bytes for r in records[k + 1 :]) for k in range(len(records))]
+    return max(forward_peak, *(held - after + r.recompute_bytes
+                               for after, r in zip(later, records, strict=True)))  # fmt: skip
 
 
 def _float(a) -> bool:
     return isinstance(a, torch.Tensor) and a.is_floating_point()
 
 
-def install_checkpointing(model: nn.Module, segments: int | None = None) -> list[_Checkpointed]:
-    """Checkpoint ``model`` per block in place (parameters and state_dict keys unchanged)."""
-    units: list[_Checkpointed] = []
+def find_block_list(model: nn.Module) -> nn.ModuleList | nn.Sequential | None:
+    """The model's list of blocks: its attribute named in ``BLOCK_LISTS`` or, failing that, the
+    shallowest such non-empty list below it (``transformer.h`` of transformers' GPT-2,
+    ``model.layers`` of LLaMA); None for a plain nn.Sequential or a model without one."""
     block_list = next(
         (getattr(model, n) for n in BLOCK_LISTS if isinstance(getattr(model, n, None), nn.Module)),
         None,
     )
-    if isinstance(block_list, (nn.ModuleList, nn.Sequential)) and len(block_list) > 0:
+    if block_list is None and not isinstance(model, nn.Sequential):
+        nested = [
+            (name.count("."), module)
+            for name, module in model.named_modules()
+            if name.rpartition(".")[2] in BLOCK_LISTS
+            and isinstance(module, (nn.ModuleList, nn.Sequential))
+            and len(module) > 0
+        ]
+        block_list = min(nested, key=lambda d: d[0])[1] if nested else None
+    ok = isinstance(block_list, (nn.ModuleList, nn.Sequential)) and len(block_list) > 0
+    return block_list if ok else None
+
+
+def install_checkpointing(model: nn.Module, segments: int | None = None) -> list[_Checkpointed]:
+    """Checkpoint ``model`` per block in place (parameters and state_dict keys unchanged).
+    Convert a model before checkpointing it: an nn.Sequential's segments hold its layers."""
+    units: list[_Checkpointed] = []
+    block_list = find_block_list(model)
+    if block_list is not None:
         for block in block_list:
             unit = _Checkpointed(block.forward)
             block.forward = unit
@@ -149,7 +228,7 @@ def install_checkpointing(model: nn.Module, segments: int | None = None) -> list
     else:
         raise ValueError(
             f"checkpoint: cannot find the blocks of {type(model).__name__}; it must be an "
-            f"nn.Sequential or hold its blocks in one of .{', .'.join(BLOCK_LISTS)}"
+            f"nn.Sequential or hold its blocks in a list named one of {', '.join(BLOCK_LISTS)}"
         )
     model.rp_checkpoint_units = units
     return units
@@ -159,29 +238,19 @@ def measure_step(model: nn.Module, rule: LearningRule, x: torch.Tensor, y: torch
     """Bytes saved for backward by one training step of ``rule``, leaving the model as it was.
 
     Gradients are cleared and the method's step counters and the global RNG restored afterwards.
-    Checkpointing: backward recomputes block k while the inputs of blocks 0..k are still held,
-    so the peak is max_k (held - sum_{j>k} input_j + recompute_k), with ``held`` what
-    track_saved sees between the passes (block inputs and whatever lies outside the blocks).
+    Checkpointing: the peak of :func:`checkpointed_peak` (each block's recomputation measured).
     """
     state = method_state(model)
     rng = torch.get_rng_state()
     units = getattr(model, "rp_checkpoint_units", [])
-    log: list[tuple[int, int]] = []
-    for unit in units:
-        unit.log = log
     try:
-        with track_saved(model) as saved:
+        with track_saved(model) as saved, recording_blocks(units, saved) as records:
             rule.backward(x, y)
     finally:
-        for unit in units:
-            unit.log = None
         model.zero_grad(set_to_none=True)
         load_method_state(model, state)
         torch.set_rng_state(rng)
-    if not log:
-        return saved.bytes
-    later = [sum(inp for inp, _ in log[k + 1 :]) for k in range(len(log))]
-    return max(saved.bytes - later[k] + rec for k, (_, rec) in enumerate(log))
+    return checkpointed_peak(saved.bytes, records) if records else saved.bytes
 
 
 def saved_bytes_of(
@@ -191,12 +260,14 @@ def saved_bytes_of(
     y: torch.Tensor,
     loss_fn: LossFn,
     seed: int = 0,
+    checkpointing: bool = False,
 ) -> int:
     """Measured saved bytes of ``method`` for the batch (x, y), on a deep copy of ``build()``'s
     model: the model it returns (a fresh one, or the user's) is left as it was, buffers such as
-    BatchNorm's running statistics and a method's state (AOP memory, CRS estimate) included."""
+    BatchNorm's running statistics and a method's state (AOP memory, CRS estimate) included.
+    checkpointing: the method with the blocks checkpointed (:func:`install`)."""
     model = copy.deepcopy(build())
-    rule = install(model, method, loss_fn, seed)
+    rule = install(model, method, loss_fn, seed, checkpointing=checkpointing)
     try:
         return measure_step(model, rule, x, y)
     finally:

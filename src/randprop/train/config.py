@@ -18,6 +18,8 @@ class TrainConfig:
         name patterns to methods as ``convert`` takes), a learning rule in
         ``LEARNING_RULES`` ("fa", "dfa", "memdfa"), or "checkpoint[:segments=K]" (activation
         checkpointing, exact gradients).
+    checkpointing: also checkpoint the model's blocks, with a per-layer method (what a plan of
+        ``rp.plan`` with ``checkpointing`` asks; ``randprop train --budget`` sets it).
     match_memory_of: a method; the run then trains exact backprop with the largest batch
         (<= ``batch``) whose measured saved bytes do not exceed that method's at ``batch``.
     schedule: learning-rate factor over the run: constant; cosine 0.5 (1 + cos(pi t / T));
@@ -32,6 +34,7 @@ class TrainConfig:
     model: str = "mlp"
     data: str = "mnist"
     method: str | dict[str, str] = "exact"
+    checkpointing: bool = False
     batch: int = 150
     steps: int = 1000
     seed: int = 0
@@ -67,6 +70,12 @@ class TrainConfig:
         for field in ("lr", "weight_decay", "momentum"):
             if getattr(self, field) < 0:
                 raise ValueError(f"train: {field} must be >= 0; got {getattr(self, field)!r}")
+        if not isinstance(self.checkpointing, bool):
+            raise TypeError(
+                f"train: checkpointing must be True or False; got {self.checkpointing!r}"
+            )
+        if self.checkpointing and self.match_memory_of:
+            raise ValueError("train: checkpointing goes with method, not with match_memory_of")
         if self.resume and self.out is None:
             raise ValueError("train: resume needs out, the directory holding checkpoint.pt")
 

@@ -57,7 +57,7 @@ from randprop.train.checkpoint import (
 from randprop.train.config import TrainConfig
 from randprop.train.learning_rules import LossFn
 
-RESUME_KEYS = ("model", "data", "method", "match_memory_of", "seed", "batch")
+RESUME_KEYS = ("model", "data", "method", "checkpointing", "match_memory_of", "seed", "batch")
 PEAK_STEPS = 3  # training steps of each process whose peak memory is measured
 Callback = Callable[[int, float], None]
 Batches = Callable[[int], torch.Tensor]
@@ -296,7 +296,8 @@ def _train(
     mine = ctx.shard(first[:batch])  # this rank's share of a batch (checks that it divides)
 
     model = given.to(device) if given is not None else build()
-    rule = install(model, method, loss_fn, cfg.seed, model_name=cfg.model)
+    rule = install(model, method, loss_fn, cfg.seed, model_name=cfg.model,
+                   checkpointing=cfg.checkpointing)  # fmt: skip
     report = getattr(rule, "report", None)
     if ctx.parallel:
         distributed.parallel_rule(rule, model, ctx)
@@ -304,6 +305,7 @@ def _train(
     scheduler = _scheduler(cfg, optimizer)
     metrics_path = out / "metrics.jsonl" if out else None
     identity = {"model": cfg.model, "data": cfg.data, "method": cfg.method,
+                "checkpointing": cfg.checkpointing,
                 "match_memory_of": cfg.match_memory_of, "seed": cfg.seed, "batch": batch}  # fmt: skip
     step = 0
     progress_state = {"losses": [], "window": [], "step_times": [], "train_seconds": 0.0,
@@ -312,7 +314,7 @@ def _train(
 
     if cfg.resume:
         ckpt = load_checkpoint(out / CHECKPOINT)
-        ckpt_id = ckpt["identity"]
+        ckpt_id = {"checkpointing": False, **ckpt["identity"]}  # written before it was a key
         changed = [k for k in RESUME_KEYS if ckpt_id.get(k) != identity[k]]
         if changed:
             raise ValueError(
@@ -338,7 +340,8 @@ def _train(
             _truncate_metrics(metrics_path, step)
     else:
         xb, yb = x_train[mine].to(device), y_train[mine].to(device)
-        saved = saved_bytes_of(build, method, xb, yb, loss_fn, cfg.seed)  # on a fresh model
+        saved = saved_bytes_of(build, method, xb, yb, loss_fn, cfg.seed,  # on a fresh model
+                               checkpointing=cfg.checkpointing)  # fmt: skip
         exact_saved = saved_bytes_of(build, "exact", xb, yb, loss_fn, cfg.seed)
         del xb, yb  # nothing of the set-up stays on the device during the steps
         if out and ctx.main:
@@ -449,6 +452,7 @@ def _train(
     times = sorted(progress_state["step_times"] or progress_state["peak_step_times"])
     summary = {
         "method": cfg.method,
+        "checkpointing": cfg.checkpointing,
         "model": cfg.model,
         "data": cfg.data,
         "batch": batch,
