@@ -45,8 +45,9 @@ def tiny_spec():
 def setting():
     torch.manual_seed(0)
     model, batch = tiny(), tiny_batch()
-    found = measure(model, _loss_of(batch, F.cross_entropy), candidates=SMALL, draws=4,
-                    checkpointing=False)  # the per-layer planner (tests/test_plan_checkpointing.py)
+    found = measure(
+        model, _loss_of(batch, F.cross_entropy), candidates=SMALL, draws=4, checkpointing=False
+    )  # the per-layer planner (tests/test_plan_checkpointing.py)
     return model, batch, found
 
 

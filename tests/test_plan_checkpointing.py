@@ -16,10 +16,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import randprop as rp
+from randprop.blocks import find_block_list
+from randprop.checkpointing import install_checkpointing
 from randprop.convert import convert
 from randprop.plan import _checkpointed_knapsack, _loss_of, choose, measure
 from randprop.train import TrainConfig, train
-from randprop.train.baselines import find_block_list, install, install_checkpointing
+from randprop.train.baselines import install
 
 SMALL = ("exact", "rad:keep=0.1", "rad:keep=0.5,bits=2", "quant:bits=2", "quant:bits=8")
 

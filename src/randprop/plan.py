@@ -37,7 +37,7 @@ forward saved after the last block is freed, so the peak is
 
 S the forward's peak, H the bytes held when the last block returns (the blocks' inputs and what
 the layers before them keep), I_j block j's input bytes and R_k block k's recomputed saved bytes
-(``randprop.train.baselines.checkpointed_peak``). Each layer's choice changes H (a layer before
+(``randprop.checkpointing.checkpointed_peak``). Each layer's choice changes H (a layer before
 the blocks) or its block's R_k (a layer inside), by d_l, measured one layer at a time on the
 checkpointed model: with every layer exact as the reference, the H-term is
 H + sum_{l outside} d_l + max_k (R_k - sum_{j > k} I_j + sum_{l in k} d_l). For a given share e of
@@ -64,11 +64,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from randprop.checkpointing import checkpointed_peak, install_checkpointing, recording_blocks
 from randprop.config import MethodConfig, check_seed
 from randprop.convert import convert, restore
 from randprop.measure.saved import track_saved
 from randprop.methods import parse_method
-from randprop.train.baselines import checkpointed_peak, install_checkpointing, recording_blocks
 
 LossOf = Callable[[nn.Module], torch.Tensor]
 

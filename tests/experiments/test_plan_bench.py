@@ -16,7 +16,8 @@ def _fake(plan: list[float], uni: list[float], error: str | None = None) -> tupl
     budgets = {label: {"budget_bytes": 100 >> i, "plan": None, "plan_error": "n/a: minimum is 90 B",
                        "small_batch": 0} for i, label in enumerate(pb.BUDGET_LABELS)}  # fmt: skip
     budgets["1/4"] = {"budget_bytes": 100, "small_batch": 0, "plan_error": error,
-                      "plan": None if error else {"total_variance": 0.5, "layers": {"0": "u"}}}  # fmt: skip
+                      "plan": None if error else {"total_variance": 0.5, "layers": {"0": "u"},
+                                                  "checkpointing": False, "measured_bytes": 95}}  # fmt: skip
     setup = {"exact_bytes": 400, "minimum_bytes": 90, "fixed_bytes": 10, "plan_exact_bytes": 400,
              "uniform": {"u": [95, 1.0]}, "budgets": budgets}  # fmt: skip
     records = {}
@@ -24,7 +25,13 @@ def _fake(plan: list[float], uni: list[float], error: str | None = None) -> tupl
         for label, q in (("plan 1/4", plan[s]), ("uniform u", uni[s]), ("exact", 0.0),
                          ("checkpointing", 0.0)):  # fmt: skip
             if not (error and label.startswith("plan")):
-                records[label, s] = {"quality": q, "saved_bytes": 95, "batch": 8, "seed": s}
+                records[label, s] = {
+                    "quality": q,
+                    "saved_bytes": 95,
+                    "batch": 8,
+                    "seed": s,
+                    "seconds_per_step": 1.0,
+                }
     return dict.fromkeys(seeds, setup), records
 
 

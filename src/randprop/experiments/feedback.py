@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from randprop.checkpointing import install_checkpointing
 from randprop.experiments import report
 from randprop.experiments.registry import quick_splits, suite
 from randprop.measure.peak import state_tensors, track_peak
@@ -38,7 +39,6 @@ from randprop.models.feedforward import mlp
 from randprop.random import derive_seed, generator
 from randprop.rules import DFA, FA, MemDFA
 from randprop.train import TrainConfig, train
-from randprop.train.baselines import install_checkpointing
 from randprop.train.loop import epoch_batches, permutations
 
 RULES = ("bp", "fa", "dfa", "memdfa")

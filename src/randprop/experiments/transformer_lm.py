@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import randprop as rp
+from randprop.checkpointing import install_checkpointing
 from randprop.data import Splits, load_dataset
 from randprop.data.sources import cifar_folder
 from randprop.experiments import report
@@ -44,7 +45,7 @@ from randprop.measure.peak import peak_memory, state_tensors
 from randprop.methods.loss import linear_cross_entropy
 from randprop.models import build_model
 from randprop.random import STREAM_INIT, derive_seed
-from randprop.train.baselines import install_checkpointing, largest_batch
+from randprop.train.baselines import largest_batch
 from randprop.train.loop import batch_indices
 
 RAD, QUANT = "rad:keep=0.2,bits=2", "quant:bits=2"

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
 
 from randprop import random as rnd
+from randprop.blocks import sequential_blocks
 from randprop.rules.registry import LossFn
 
 
@@ -98,23 +98,6 @@ class BlockOutput(nn.Identity):
     Put one after each hidden block of a model that is not an nn.Sequential; rules built with
     ``blocks=None`` then cut the gradient here and inject B_l e.
     """
-
-
-def _has_weight_layer(module: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Linear, _ConvNd)) for m in module.modules())
-
-
-def sequential_blocks(model: nn.Sequential) -> list[list[nn.Module]]:
-    """Split a Sequential into blocks: a new block starts at each child holding a Linear or conv
-    layer; parameter-free layers, norms and activations join the block before them (leading
-    ones, e.g. Flatten, join the first)."""
-    groups: list[list[nn.Module]] = []
-    for child in model.children():
-        if not groups or (_has_weight_layer(child) and any(map(_has_weight_layer, groups[-1]))):
-            groups.append([child])
-        else:
-            groups[-1].append(child)
-    return groups
 
 
 def boundaries(model: nn.Module, blocks: Sequence[nn.Module] | None) -> list[nn.Module]:

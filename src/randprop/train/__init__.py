@@ -1,6 +1,7 @@
 """The training loop: ``train(TrainConfig(...)) -> summary dict`` for every method and rule."""
 
-from randprop.train.baselines import install, install_checkpointing, matched_batch
+from randprop.checkpointing import install_checkpointing
+from randprop.train.baselines import install, matched_batch
 from randprop.train.config import TrainConfig
 from randprop.train.learning_rules import LEARNING_RULES, Backprop, register_rule
 from randprop.train.loop import evaluate, train
