@@ -9,7 +9,8 @@ are measured, never computed by hand:
   convert swaps in under a memory-saving method;
 - variance: v_l(c) = sum_k |g_hat_k - mean|^2 / ((K - 1) |g_l|^2), the total variance of layer
   l's parameter gradients over K draws, relative to the squared norm of its exact gradient g_l
-  (plain PyTorch). The candidates estimate only the weight gradient and pass the input
+  (plain PyTorch). PyTorch's generators are seeded alike for every draw, so the model's own
+  randomness (dropout) is fixed and v_l is the estimator's: exact's is 0. The candidates estimate only the weight gradient and pass the input
   gradient back exactly, so one copy with c on every layer it converts measures all layers.
 
 The plan minimises sum_l v_l(c_l) subject to B0 + sum_l b_l(c_l) <= budget: a multiple-choice
@@ -411,10 +412,18 @@ def _bytes(model: nn.Module, method, loss_of: LossOf, seed: int, *, keep: bool =
             restore(model)
 
 
-def _layer_grads(model: nn.Module, loss_of: LossOf, layers: Sequence[str]) -> list[torch.Tensor]:
-    """Per layer: its own parameters' gradients, flattened into one float64 vector."""
+def _layer_grads(
+    model: nn.Module, loss_of: LossOf, layers: Sequence[str], seed: int
+) -> list[torch.Tensor]:
+    """Per layer: its own parameters' gradients, flattened into one float64 vector. PyTorch's
+    generators are seeded with ``seed`` for the call (and restored after): the model's own
+    randomness (dropout) is the same in every draw, so the draws differ by the estimators' own
+    seeded draws alone."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     model.zero_grad(set_to_none=True)
-    loss_of(model).backward()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        loss_of(model).backward()
     out = []
     for name in layers:
         params = model.get_submodule(name).parameters(recurse=False)
@@ -478,7 +487,7 @@ def measure(
     checkpointed = _checkpointed(work, loss_of) if checkpointing else None
     restore(work)
     base, held = saved.bytes, {n: saved.by_module.get(n, 0) for n in names}
-    reference = _layer_grads(work, loss_of, names)
+    reference = _layer_grads(work, loss_of, names, seed)
     norms = [max(g.square().sum().item(), torch.finfo(torch.float64).tiny) for g in reference]
     options: dict[str, list[LayerOption]] = {n: [] for n in names}
     uniform_bytes: dict[str, int] = {}
@@ -490,10 +499,10 @@ def measure(
         mean = [torch.zeros_like(g) for g in reference]
         m2 = [torch.zeros_like(g) for g in reference]
         with track_saved(work) as whole:
-            first = _layer_grads(work, loss_of, names)
+            first = _layer_grads(work, loss_of, names, seed)
         uniform_bytes[str(c)] = whole.bytes
         for k in range(1, draws + 1):  # Welford
-            grads = first if k == 1 else _layer_grads(work, loss_of, names)
+            grads = first if k == 1 else _layer_grads(work, loss_of, names, seed)
             for i, g in enumerate(grads):
                 delta = g - mean[i]
                 mean[i] += delta / k

@@ -59,6 +59,12 @@ def test_verdict_says_whether_the_gap_is_within_one_std() -> None:
     assert "**behind**" in line and "+0.1000 nats" in line and "beyond one std" in line
 
 
+def test_more_than_three_seeds_also_give_the_first_three() -> None:
+    line = _verdict("mlp", [0.970, 0.975, 0.980, 0.990, 0.990], [0.972, 0.971, 0.985, 0.980, 0.980])
+    assert "+0.34 points" in line and "at least as good as" in line
+    assert "over the first 3 seeds -0.10 points" in line
+
+
 def test_unreachable_budget_is_reported_not_raised() -> None:
     setups, records = _fake([0.9] * 3, [0.9] * 3, error="n/a: minimum is 120 B (0.3 of exact)")
     result = pb.aggregate("mlp", [0, 1, 2], setups, records)
