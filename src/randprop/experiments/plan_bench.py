@@ -556,9 +556,9 @@ def write_report(out: Path, results: dict[str, dict], p: dict, meta: dict) -> st
         "recomputed blocks): rp.plan takes it where it lowers the total variance at the budget. "
         "A plan's bytes are rp.plan's measurement of a training step's peak on the seed's first "
         "batch (the largest over seeds), with checkpointed blocks' recomputation counted; plan "
-        "s/step is the mean over seeds of its training step time over exact's (same seed, same "
-        "process, one thread; the other core busy), so a checkpointed plan shows the recompute's "
-        "cost.",
+        "s/step is the mean over seeds of its training step time over exact's (same seed, one "
+        "thread, the other core busy; a run reused from an earlier pass was timed then: a rough "
+        "figure, not a timing in alternation), where a checkpointed plan shows the recompute.",
         "",
     ]
     if "gpt2" in results:
