@@ -10,7 +10,8 @@ are measured, never computed by hand:
 - variance: v_l(c) = sum_k |g_hat_k - mean|^2 / ((K - 1) |g_l|^2), the total variance of layer
   l's parameter gradients over K draws, relative to the squared norm of its exact gradient g_l
   (plain PyTorch). PyTorch's generators are seeded alike for every draw, so the model's own
-  randomness (dropout) is fixed and v_l is the estimator's: exact's is 0. The candidates estimate only the weight gradient and pass the input
+  randomness (dropout) is fixed and v_l is the estimators' (exact's: only what the compact ops'
+  stochastic codes add). The candidates estimate only the weight gradient and pass the input
   gradient back exactly, so one copy with c on every layer it converts measures all layers.
 
 The plan minimises sum_l v_l(c_l) subject to B0 + sum_l b_l(c_l) <= budget: a multiple-choice
@@ -180,8 +181,9 @@ class Plan:
     """A plan: ``methods`` for rp.convert, and per layer its choice, bytes and variance.
 
     ``methods, report = rp.plan(...)`` also works (a Plan unpacks as (methods, itself)).
-    predicted_bytes: fixed_bytes + the chosen layers' bytes; measured_bytes: track_saved on the
-    converted model. Fractions are of exact_bytes (plain PyTorch).
+    predicted_bytes: fixed_bytes + the chosen layers' bytes (with checkpointing: the peak of the
+    module docstring, fixed_bytes then H with every layer exact); measured_bytes: the converted
+    model's (:func:`measured_bytes`). Fractions are of exact_bytes (plain PyTorch).
     """
 
     methods: dict[str, str]
@@ -237,10 +239,10 @@ class Plan:
 
         return "\n".join([
             *lines,
-            f"fixed (no choice changes it): {self.fixed_bytes:,} B"
-            + ("; blocks checkpointed (recomputed in backward: one more forward of each per "
-               "step; a layer's bytes are held while its block runs)" if self.checkpointing
-               else ""),
+            ("blocks checkpointed (recomputed in backward: one more forward of each per step; "
+             "a layer's bytes are held while its block runs); held when the last block returns, "
+             f"every layer exact: {self.fixed_bytes:,} B" if self.checkpointing else
+             f"fixed (no choice changes it): {self.fixed_bytes:,} B"),
             f"budget {frac(self.budget_bytes)}; predicted {frac(self.predicted_bytes)}; "
             f"measured {frac(self.measured_bytes)}; smallest possible {frac(self.minimum_bytes)}",
             f"total relative variance {self.total_variance:.4g} ({self.draws} draws); exact "
@@ -600,6 +602,12 @@ def choose(
         add(exact_layers, found.exact_bytes,
             found.exact_bytes - sum(c.bytes for c in exact_layers),
             "plain PyTorch: no compact ops", ops=False)  # fmt: skip
+    if not alternatives:  # the checkpointed minimum assumed S's least terms together
+        raise ValueError(
+            f"plan: budget {target:,} B ({target / found.exact_bytes:.4f} of exact's "
+            f"{found.exact_bytes:,} B): no plan found to fit it (the checkpointed plan's forward "
+            "peak does not fit)"
+        )
     variance, checkpointing, predicted, layers, methods, fixed, note, step = min(
         alternatives, key=lambda a: a[:3]
     )
