@@ -209,6 +209,10 @@ def test_cli_train_with_a_budget(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main([*args, "--method", "rad"]) == 2
     assert "--budget plans" in capsys.readouterr().err
+    assert main([*args, "--checkpointing"]) == 2
+    assert "drop --method, --match-memory-of and --checkpointing" in capsys.readouterr().err
+    assert main([*args[:3], "--no-checkpointing", "--out", str(out)]) == 2
+    assert "--no-checkpointing goes with --budget" in capsys.readouterr().err
 
 
 class TwoHeads(nn.Module):

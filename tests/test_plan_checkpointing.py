@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import types
 
 import pytest
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 import randprop as rp
 from randprop.blocks import find_block_list
 from randprop.checkpointing import install_checkpointing
+from randprop.cli import main
 from randprop.convert import convert
 from randprop.plan import _checkpointed_knapsack, _loss_of, choose, measure
 from randprop.train import TrainConfig, train
@@ -208,3 +210,12 @@ def test_train_with_a_method_and_checkpointing(tmp_path):
     assert both["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-5)  # same gradients
     with pytest.raises(ValueError, match="match_memory_of"):
         TrainConfig(**common, checkpointing=True, match_memory_of="rad")
+
+
+def test_cli_train_checkpointing_with_a_method(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--method", "quant:bits=2", "--checkpointing",
+            "--steps", "1", "--batch", "16", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpointing"] and summary["saved_bytes"] < summary["exact_saved_bytes"]

@@ -14,10 +14,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from randprop.train import TrainConfig, train
 
     method, planned, splits = args.method, None, None
+    if args.no_checkpointing and args.budget is None:
+        raise ValueError("--no-checkpointing goes with --budget (it keeps checkpointing out of "
+                         "the plan)")  # fmt: skip
     if args.budget is not None:
-        if args.method != "exact" or args.match_memory_of:
-            raise ValueError("--budget plans every layer's method: drop --method and "
-                             "--match-memory-of")  # fmt: skip
+        if args.method != "exact" or args.match_memory_of or args.checkpointing:
+            raise ValueError("--budget plans every layer's method and whether to checkpoint: "
+                             "drop --method, --match-memory-of and --checkpointing")  # fmt: skip
         planned, splits = plan_builtin(args.model, args.data, args.batch, args.budget,
                                        seed=args.seed, data_root=args.data_root,
                                        val_fraction=args.val_fraction,
@@ -29,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model=args.model,
         data=args.data,
         method=method,
-        checkpointing=bool(planned and planned.checkpointing),
+        checkpointing=planned.checkpointing if planned else args.checkpointing,
         batch=args.batch,
         steps=args.steps,
         seed=args.seed,
@@ -104,6 +107,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--budget", type=parse_budget, default=None,
         help="plan every layer's method to fit this fraction of exact's saved bytes (0.1, 1/8) "
         "or bytes (rp.plan on the first training batch; writes OUT/plan.json), then train",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpointing", action="store_true",
+        help="with a per-layer --method: also checkpoint the model's blocks (converted first)",
     )  # fmt: skip
     p.add_argument(
         "--no-checkpointing", action="store_true",
