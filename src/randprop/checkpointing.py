@@ -118,3 +118,16 @@ def install_checkpointing(model: nn.Module, segments: int | None = None) -> list
         )
     model.rp_checkpoint_units = units
     return units
+
+
+def remove_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`install_checkpointing` on ``model`` (its blocks' and its own forward back to
+    their classes'); a model without it is left as it is."""
+    units = model.__dict__.pop("rp_checkpoint_units", None)
+    if units is None:
+        return
+    model.__dict__.pop("forward", None)
+    for unit in units:
+        owner = unit.fn.__self__
+        if owner.__dict__.get("forward") is unit:
+            del owner.__dict__["forward"]
