@@ -21,7 +21,7 @@ from randprop.blocks import find_block_list
 from randprop.checkpointing import install_checkpointing
 from randprop.cli import main
 from randprop.convert import convert
-from randprop.plan import _checkpointed_knapsack, _loss_of, choose, measure
+from randprop.plan import CHECKPOINT_GAIN, _checkpointed_knapsack, _loss_of, choose, measure
 from randprop.train import TrainConfig, train
 from randprop.train.baselines import install
 
@@ -153,11 +153,34 @@ def test_equal_variance_prefers_no_recomputation(setting):
 
 
 def test_variance_is_monotone_in_the_budget_with_checkpointing(setting):
+    """Strictly with checkpoint_gain 1; within the factor checkpoint_gain otherwise (a larger
+    budget may trade a checkpointed plan for one without, up to that factor in variance)."""
     _, _, found = setting
     budgets = torch.linspace(found.minimum_bytes(), found.exact_bytes, 25).long().tolist()
-    variances = [choose(found, b).total_variance for b in budgets]
-    assert all(a >= b for a, b in itertools.pairwise(variances))
-    assert variances[0] > variances[-1] == 0.0
+    for gain in (1.0, CHECKPOINT_GAIN, 4.0):
+        variances = [choose(found, b, checkpoint_gain=gain).total_variance for b in budgets]
+        assert all(b <= a * gain for a, b in itertools.pairwise(variances))
+        assert variances[0] > variances[-1] == 0.0
+
+
+def test_checkpointing_is_taken_only_for_the_gain_asked(setting):
+    _, _, found = setting
+    low, high = found.checkpointed_minimum_bytes(), found.layer_minimum_bytes()
+    # a budget where plans with and without checkpointing fit and checkpointing lowers a
+    # non-zero variance (with variance 0, i.e. every layer exact, any gain is exceeded)
+    both, eager = next(
+        (b, p) for b in torch.linspace(high, found.exact_bytes, 50).long().tolist()
+        if (p := choose(found, b, checkpoint_gain=1.0)).checkpointing and p.total_variance > 0
+    )  # fmt: skip
+    plain = choose(found, both, checkpoint_gain=1e12)
+    assert not plain.checkpointing and plain.total_variance > eager.total_variance
+    ratio = plain.total_variance / eager.total_variance
+    assert choose(found, both, checkpoint_gain=ratio * 0.99).checkpointing
+    assert not choose(found, both, checkpoint_gain=ratio * 1.01).checkpointing
+    assert choose(found, (low + high) // 2, checkpoint_gain=1e12).checkpointing  # only it fits
+    for bad in (0.5, True, "2"):
+        with pytest.raises(ValueError, match="checkpoint_gain must be a number >= 1"):
+            choose(found, both, checkpoint_gain=bad)
 
 
 def test_apply_converts_and_checkpoints_with_the_gradients_unchanged(setting):

@@ -56,7 +56,10 @@ BUDGETS = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 BUDGET_LABELS = ("1/4", "1/8", "1/16", "1/32")
 UNIFORM_TOP = 2
 #: what rp.plan chooses among beyond its candidates (a change re-plans, reusing other runs)
-PLAN_OPTIONS = "checkpointing of blocks; the model's own randomness fixed across draws"
+PLAN_OPTIONS = (
+    "checkpointing of blocks (where it divides the variance by more than 1.1); the "
+    "model's own randomness fixed across draws"
+)
 #: the learning-rate schedule of every run: a cosine decay to 0 over the run
 SCHEDULE = "cosine"
 TASKS = ("mlp", "cnn", "gpt2")
@@ -553,7 +556,8 @@ def write_report(out: Path, results: dict[str, dict], p: dict, meta: dict) -> st
         "randprop's attention core).",
         "",
         "The plan may also checkpoint the blocks (the layers' methods then apply in the "
-        "recomputed blocks): rp.plan takes it where it lowers the total variance at the budget. "
+        "recomputed blocks): rp.plan takes it where it divides the least total variance without it "
+        "by more than 1.1 (rp.plan's checkpoint_gain), or where nothing else fits. "
         "A plan's bytes are rp.plan's measurement of a training step's peak on the seed's first "
         "batch (the largest over seeds), with checkpointed blocks' recomputation counted; plan "
         "s/step is the mean over seeds of its training step time over exact's (same seed, one "
