@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 import randprop as rp
 from randprop.blocks import find_block_list
-from randprop.checkpointing import install_checkpointing
+from randprop.checkpointing import install_checkpointing, remove_checkpointing
 from randprop.cli import main
 from randprop.convert import convert
 from randprop.plan import CHECKPOINT_GAIN, _checkpointed_knapsack, _loss_of, choose, measure
@@ -211,6 +211,14 @@ def test_nested_block_lists_are_found():
     assert find_block_list(wrapper) is inner.blocks
     units = install_checkpointing(wrapper)
     assert len(units) == 8
+    assert all("forward" in b.__dict__ for b in inner.blocks)
+    remove_checkpointing(wrapper)  # undone: the blocks' own forward again
+    assert not any("forward" in b.__dict__ for b in inner.blocks)
+    assert not hasattr(wrapper, "rp_checkpoint_units")
+    sequential = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
+    install_checkpointing(sequential)
+    remove_checkpointing(sequential)
+    assert "forward" not in sequential.__dict__
     with pytest.raises(ValueError, match="list named one of"):
         install_checkpointing(nn.Module())
 
