@@ -603,8 +603,7 @@ def write_report(out: Path, results: dict[str, dict], p: dict, meta: dict) -> st
 )
 def run(out: Path, quick: bool = False, tasks: Sequence[str] = TASKS) -> dict:
     """Run (or resume from OUT/runs) the suite for ``tasks`` (a subset of TASKS)."""
-    check_tasks("plan", tasks, TASKS)
-    asked = "" if set(tasks) == set(TASKS) else f" --tasks {','.join(tasks)}"
+    asked = check_tasks("plan", tasks, TASKS)
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     runs.mkdir(exist_ok=True)

@@ -49,12 +49,14 @@ def quick_splits(splits: Splits, examples: int) -> Splits:
     })  # fmt: skip
 
 
-def check_tasks(suite_name: str, tasks: Sequence[str], allowed: Sequence[str]) -> None:
-    """Raise ValueError naming the allowed tasks when ``tasks`` has others."""
+def check_tasks(suite_name: str, tasks: Sequence[str], allowed: Sequence[str]) -> str:
+    """Raise ValueError naming the allowed tasks when ``tasks`` has others; else the
+    command-line suffix that names them (" --tasks a,b", or "" for all of them)."""
     unknown = sorted(set(tasks) - set(allowed))
     if unknown:
         raise ValueError(f"bench {suite_name}: tasks must be among {', '.join(allowed)}; "
                          f"got {unknown}")  # fmt: skip
+    return "" if set(tasks) == set(allowed) else f" --tasks {','.join(tasks)}"
 
 
 def get_suite(name: str) -> Suite:

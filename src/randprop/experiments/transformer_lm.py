@@ -654,8 +654,7 @@ TASK_NAMES = ("gpt2", "llama", "vit", "resnet")
 )
 def run(out: Path, quick: bool = False, tasks: Sequence[str] = TASK_NAMES) -> dict:
     """Run (or resume from OUT/runs) the suite's tasks named in ``tasks``."""
-    check_tasks("transformer", tasks, TASK_NAMES)
-    asked = "" if set(tasks) == set(TASK_NAMES) else f" --tasks {','.join(tasks)}"
+    asked = check_tasks("transformer", tasks, TASK_NAMES)
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out / "runs"
     start, load_before = time.time(), report.load()
